@@ -1,0 +1,519 @@
+//! The ReAct loop: an [`AgentSession`] turns one user message into a reply by
+//! alternating model calls and tool calls until the model answers in text.
+//!
+//! A turn: store the user message (acknowledged as `Accepted`), build the
+//! prompt (system prompt + skill context + the recent history trimmed to the
+//! model's window, never separating a tool call from its result), call the
+//! model, run the tools it asked for (several per round), feed their results
+//! back, and repeat up to `max_tool_rounds`. Every message and tool invocation
+//! is persisted. Turns of one session run one at a time; a running turn can be
+//! cancelled.
+//!
+//! This crate does not know about channels, QUIC or the CLI.
+
+mod context;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::StreamExt;
+use openpista_llm::{
+    Assembler, ChatRequest, LlmError, LlmEvent, LlmProvider, Sampling, ToolChoice,
+};
+use openpista_memory::{MemoryError, Store, ToolInvocation};
+use openpista_proto::{
+    AgentEvent, ChatMessage, ErrorCode, MessageId, SessionId, ToolOutcome, Usage,
+};
+use openpista_tools::{ToolContext, ToolRegistry};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use context::{fit_to_window, repair_history};
+
+/// The default system prompt.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are openpista, a helpful assistant running on the user's own machine. \
+Answer briefly and accurately. Use a tool only when the question needs one.";
+
+/// `[agent]` settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Most model->tools rounds in one turn before it stops.
+    pub max_tool_rounds: u32,
+    /// Most stored messages loaded as history for a turn.
+    pub history_limit: u32,
+    /// The system prompt (skill context is appended to it).
+    pub system_prompt: String,
+    /// Tokens kept free in the context window for the reply.
+    pub reply_reserve_tokens: u32,
+    /// Context window assumed when the provider does not know its own.
+    pub default_context_window: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            max_tool_rounds: 10,
+            history_limit: 50,
+            system_prompt: DEFAULT_SYSTEM_PROMPT.to_owned(),
+            reply_reserve_tokens: 512,
+            default_context_window: 8192,
+        }
+    }
+}
+
+/// Errors that end a turn.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Storage failed; the message may not be persisted. Retrying may help if the database was busy.
+    #[error("storage: {0}")]
+    Storage(#[from] MemoryError),
+    /// The model provider failed (after its own retries).
+    #[error("model: {0}")]
+    Llm(#[from] LlmError),
+    /// The turn was cancelled. Its messages so far are stored.
+    #[error("the turn was cancelled")]
+    Cancelled,
+    /// The model kept calling tools past the limit. Raise `max_tool_rounds` or rephrase.
+    #[error("stopped after {0} tool rounds without a final answer")]
+    MaxRounds(u32),
+    /// The session does not exist.
+    #[error("no session {0}")]
+    NotFound(SessionId),
+    /// Even the newest message does not fit the model's context window.
+    #[error("the message does not fit the model's context window ({needed} tokens needed, {window} available)")]
+    ContextOverflow { needed: usize, window: usize },
+}
+
+impl AgentError {
+    /// The wire error code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            AgentError::Storage(_) => ErrorCode::StorageError,
+            AgentError::Llm(_) => ErrorCode::LlmError,
+            AgentError::Cancelled => ErrorCode::Cancelled,
+            AgentError::MaxRounds(_) => ErrorCode::MaxRounds,
+            AgentError::NotFound(_) => ErrorCode::NotFound,
+            AgentError::ContextOverflow { .. } => ErrorCode::LimitExceeded,
+        }
+    }
+}
+
+/// What a finished turn produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnOutcome {
+    pub session_id: SessionId,
+    pub user_message_id: MessageId,
+    pub text: String,
+    pub usage: Usage,
+    /// Model calls made.
+    pub llm_calls: u32,
+    /// Tool calls run.
+    pub tool_calls: u32,
+}
+
+struct Shared {
+    llm: Arc<dyn LlmProvider>,
+    tools: Arc<ToolRegistry>,
+    store: Store,
+    config: AgentConfig,
+    workspace: PathBuf,
+    skills_context: String,
+}
+
+/// Builds and caches sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    shared: Arc<Shared>,
+    live: Arc<Mutex<HashMap<SessionId, Arc<AgentSession>>>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("llm", &self.shared.llm.name())
+            .field("tools", &self.shared.tools)
+            .finish()
+    }
+}
+
+/// Everything an [`Agent`] needs.
+pub struct AgentParts {
+    pub llm: Arc<dyn LlmProvider>,
+    pub tools: Arc<ToolRegistry>,
+    pub store: Store,
+    pub config: AgentConfig,
+    /// The directory tools are confined to.
+    pub workspace: PathBuf,
+    /// Skill names and descriptions for the system prompt (already budgeted).
+    pub skills_context: String,
+}
+
+impl Agent {
+    pub fn new(parts: AgentParts) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                llm: parts.llm,
+                tools: parts.tools,
+                store: parts.store,
+                config: parts.config,
+                workspace: parts.workspace,
+                skills_context: parts.skills_context,
+            }),
+            live: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The store sessions persist to.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// The tools sessions may call.
+    pub fn tools(&self) -> &Arc<ToolRegistry> {
+        &self.shared.tools
+    }
+
+    /// Starts a new session on `channel`.
+    pub async fn create_session(&self, channel: &str) -> Result<Arc<AgentSession>, AgentError> {
+        let id = SessionId::generate();
+        self.shared.store.create_session(&id, channel, None).await?;
+        Ok(self.attach(id))
+    }
+
+    /// Opens an existing session; `NotFound` if it does not exist.
+    pub async fn open_session(&self, id: &SessionId) -> Result<Arc<AgentSession>, AgentError> {
+        if self.shared.store.get_session(id).await?.is_none() {
+            return Err(AgentError::NotFound(id.clone()));
+        }
+        Ok(self.attach(id.clone()))
+    }
+
+    /// Opens `id`, creating it on `channel` if it does not exist (channels with
+    /// stable ids, e.g. one per chat).
+    pub async fn session_for(
+        &self,
+        id: &SessionId,
+        channel: &str,
+    ) -> Result<Arc<AgentSession>, AgentError> {
+        self.shared.store.ensure_session(id, channel).await?;
+        Ok(self.attach(id.clone()))
+    }
+
+    /// The live session object for `id`: one per id, so that turns serialize.
+    fn attach(&self, id: SessionId) -> Arc<AgentSession> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.entry(id.clone())
+            .or_insert_with(|| {
+                Arc::new(AgentSession {
+                    id,
+                    shared: self.shared.clone(),
+                    turn_lock: tokio::sync::Mutex::new(()),
+                    running: Mutex::new(None),
+                })
+            })
+            .clone()
+    }
+}
+
+/// One conversation. Turns run one at a time.
+pub struct AgentSession {
+    id: SessionId,
+    shared: Arc<Shared>,
+    turn_lock: tokio::sync::Mutex<()>,
+    running: Mutex<Option<CancellationToken>>,
+}
+
+impl std::fmt::Debug for AgentSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentSession").field("id", &self.id).finish()
+    }
+}
+
+impl AgentSession {
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    /// Cancels the running turn, if any. Returns whether one was running.
+    pub fn cancel(&self) -> bool {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        match running.as_ref() {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Runs one turn for `text`. Events go to `events` (a closed receiver does
+    /// not stop the turn: its results are still stored). `cancel` stops it.
+    ///
+    /// The final `Final` or `Error` event is always sent.
+    pub async fn run_turn(
+        &self,
+        text: &str,
+        events: mpsc::Sender<AgentEvent>,
+        cancel: CancellationToken,
+    ) -> Result<TurnOutcome, AgentError> {
+        let _turn = self.turn_lock.lock().await;
+        let cancel = cancel.child_token();
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(cancel.clone());
+        let result = self.turn(text, &events, &cancel).await;
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let last = match &result {
+            Ok(outcome) => AgentEvent::Final {
+                text: outcome.text.clone(),
+                usage: outcome.usage,
+            },
+            Err(e) => AgentEvent::Error {
+                code: e.code(),
+                message: e.to_string(),
+            },
+        };
+        let _ = events.send(last).await;
+        result
+    }
+
+    async fn turn(
+        &self,
+        text: &str,
+        events: &mpsc::Sender<AgentEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<TurnOutcome, AgentError> {
+        let sh = &self.shared;
+        let user_message_id = sh
+            .store
+            .append_message(&self.id, &ChatMessage::user(text), None)
+            .await?;
+        let _ = events
+            .send(AgentEvent::Accepted {
+                session_id: self.id.clone(),
+                message_id: user_message_id,
+            })
+            .await;
+        let span = tracing::info_span!("turn", session = %self.id, message = %user_message_id);
+        let _enter = span.enter();
+        drop(_enter);
+
+        let mut usage = Usage::default();
+        let mut llm_calls = 0u32;
+        let mut tool_calls = 0u32;
+        let tool_defs = sh.tools.definitions();
+        let system = self.system_prompt();
+        let window = sh
+            .llm
+            .context_window()
+            .unwrap_or(sh.config.default_context_window as usize);
+
+        for round in 0..=sh.config.max_tool_rounds {
+            if cancel.is_cancelled() {
+                return Err(AgentError::Cancelled);
+            }
+            let stored = sh
+                .store
+                .recent_messages(&self.id, sh.config.history_limit as i64)
+                .await?;
+            let history = repair_history(stored.into_iter().map(|m| m.message).collect());
+            let tool_tokens: usize = tool_defs
+                .iter()
+                .map(|t| sh.llm.count_tokens(&t.parameters.to_string()) + sh.llm.count_tokens(&t.description))
+                .sum();
+            let budget = window
+                .saturating_sub(sh.config.reply_reserve_tokens as usize)
+                .saturating_sub(sh.llm.count_tokens(&system))
+                .saturating_sub(tool_tokens);
+            let history = fit_to_window(history, budget, |m| {
+                sh.llm.count_tokens(&m.content)
+                    + m.tool_calls
+                        .iter()
+                        .map(|c| sh.llm.count_tokens(&c.arguments) + 8)
+                        .sum::<usize>()
+                    + 4
+            })
+            .map_err(|needed| AgentError::ContextOverflow {
+                needed,
+                window: budget,
+            })?;
+            let mut messages = Vec::with_capacity(history.len() + 1);
+            messages.push(ChatMessage::system(system.clone()));
+            messages.extend(history);
+            let last_round = round == sh.config.max_tool_rounds;
+            let request = ChatRequest {
+                messages,
+                tools: tool_defs.clone(),
+                tool_choice: if tool_defs.is_empty() {
+                    ToolChoice::None
+                } else {
+                    ToolChoice::Auto
+                },
+                sampling: Sampling::default(),
+            };
+
+            let started = Instant::now();
+            llm_calls += 1;
+            let completion = {
+                let mut stream = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return Err(AgentError::Cancelled),
+                    s = sh.llm.stream(request) => s?,
+                };
+                let mut assembler = Assembler::default();
+                let mut streamed = String::new();
+                loop {
+                    let next = tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => None,
+                        ev = stream.next() => Some(ev),
+                    };
+                    let Some(ev) = next else {
+                        // Cancelled mid-generation: keep what was said.
+                        drop(stream);
+                        if !streamed.is_empty() {
+                            let partial = ChatMessage::assistant(
+                                format!("{streamed} [cancelled]"),
+                                Vec::new(),
+                            );
+                            sh.store.append_message(&self.id, &partial, None).await?;
+                        }
+                        return Err(AgentError::Cancelled);
+                    };
+                    match ev {
+                        None => break,
+                        Some(Err(e)) => return Err(e.into()),
+                        Some(Ok(event)) => {
+                            if let LlmEvent::TextDelta(t) = &event {
+                                streamed.push_str(t);
+                                let _ = events.send(AgentEvent::TextDelta { text: t.clone() }).await;
+                            }
+                            assembler.push(event);
+                        }
+                    }
+                }
+                assembler.finish()
+            };
+            usage.add(completion.usage);
+            tracing::debug!(
+                round,
+                ms = started.elapsed().as_millis() as u64,
+                calls = completion.tool_calls.len(),
+                "model replied"
+            );
+
+            if completion.tool_calls.is_empty() {
+                let reply = ChatMessage::assistant(completion.text.clone(), Vec::new());
+                sh.store
+                    .append_message(&self.id, &reply, Some(completion.usage))
+                    .await?;
+                return Ok(TurnOutcome {
+                    session_id: self.id.clone(),
+                    user_message_id,
+                    text: completion.text,
+                    usage,
+                    llm_calls,
+                    tool_calls,
+                });
+            }
+            if last_round {
+                // Keep the text the model produced, but run no more tools.
+                let note = ChatMessage::assistant(
+                    if completion.text.is_empty() {
+                        format!(
+                            "[stopped: the tool-round limit of {} was reached]",
+                            sh.config.max_tool_rounds
+                        )
+                    } else {
+                        completion.text.clone()
+                    },
+                    Vec::new(),
+                );
+                sh.store.append_message(&self.id, &note, None).await?;
+                return Err(AgentError::MaxRounds(sh.config.max_tool_rounds));
+            }
+
+            // Run the calls of this round, then store the assistant message and
+            // its results together.
+            let assistant = ChatMessage::assistant(completion.text.clone(), completion.tool_calls.clone());
+            let mut batch = vec![assistant];
+            let mut invocations = Vec::new();
+            let mut was_cancelled = false;
+            for call in &completion.tool_calls {
+                tool_calls += 1;
+                let _ = events
+                    .send(AgentEvent::ToolStarted {
+                        call_id: call.id.clone(),
+                        name: call.name.clone(),
+                        args: call.arguments.clone(),
+                    })
+                    .await;
+                let result = if was_cancelled {
+                    openpista_tools::ToolResult {
+                        outcome: ToolOutcome::Cancelled,
+                        content: "error: cancelled".to_owned(),
+                        exit_code: None,
+                        duration: std::time::Duration::ZERO,
+                    }
+                } else {
+                    let ctx = ToolContext {
+                        workspace: sh.workspace.clone(),
+                        cancel: cancel.clone(),
+                        session_id: Some(self.id.clone()),
+                    };
+                    sh.tools.call(&call.name, &call.arguments, &ctx).await
+                };
+                if result.outcome == ToolOutcome::Cancelled {
+                    was_cancelled = true;
+                }
+                tracing::info!(
+                    tool = %call.name,
+                    outcome = result.outcome.as_str(),
+                    ms = result.duration.as_millis() as u64,
+                    "tool call"
+                );
+                let _ = events
+                    .send(AgentEvent::ToolFinished {
+                        call_id: call.id.clone(),
+                        name: call.name.clone(),
+                        outcome: result.outcome,
+                        duration_ms: result.duration.as_millis() as u64,
+                        output: result.content.clone(),
+                    })
+                    .await;
+                invocations.push(ToolInvocation {
+                    session_id: self.id.clone(),
+                    call_id: call.id.clone(),
+                    tool_name: call.name.clone(),
+                    args: call.arguments.clone(),
+                    result: result.content.clone(),
+                    exit_code: result.exit_code,
+                    duration_ms: result.duration.as_millis() as i64,
+                    outcome: result.outcome,
+                    ..ToolInvocation::default()
+                });
+                batch.push(ChatMessage::tool_result(&call.id, &call.name, result.content));
+            }
+            sh.store.append_messages(&self.id, &batch).await?;
+            for inv in &invocations {
+                sh.store.record_tool_invocation(inv).await?;
+            }
+            if was_cancelled || cancel.is_cancelled() {
+                return Err(AgentError::Cancelled);
+            }
+        }
+        Err(AgentError::MaxRounds(sh.config.max_tool_rounds))
+    }
+
+    fn system_prompt(&self) -> String {
+        let sh = &self.shared;
+        let mut s = sh.config.system_prompt.clone();
+        if !sh.skills_context.is_empty() {
+            s.push_str("\n\n");
+            s.push_str(&sh.skills_context);
+        }
+        s
+    }
+}

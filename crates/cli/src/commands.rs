@@ -1,0 +1,371 @@
+//! The subcommands.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use openpista_agent::{Agent, AgentSession};
+use openpista_proto::{AgentEvent, SessionId, ToolOutcome};
+use openpista_tools::ToolContext;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{EXAMPLE, Env, Loaded};
+use crate::{Command, RunArgs, SessionsCommand, ToolsCommand, wiring};
+
+pub async fn dispatch(command: Command, loaded: Loaded, env: Env) -> Result<ExitCode> {
+    match command {
+        Command::Init { force } => init(&loaded, force),
+        Command::Run(args) => run(&loaded, &env, args).await,
+        Command::Repl { session } => repl(&loaded, &env, session).await,
+        Command::Models { json } => models(&loaded, json),
+        Command::Sessions(cmd) => sessions(&loaded, cmd).await,
+        Command::Tools(cmd) => tools(&loaded, &env, cmd).await,
+    }
+}
+
+fn init(loaded: &Loaded, force: bool) -> Result<ExitCode> {
+    let p = &loaded.paths;
+    for dir in [&p.data_dir, &p.models_dir, &p.workspace] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(p.workspace.join("skills"))?;
+    if p.config_file.exists() && !force {
+        println!(
+            "config already exists at {} (use --force to overwrite)",
+            p.config_file.display()
+        );
+    } else {
+        if let Some(parent) = p.config_file.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&p.config_file, EXAMPLE)
+            .with_context(|| format!("writing {}", p.config_file.display()))?;
+        println!("wrote {}", p.config_file.display());
+    }
+    println!("workspace: {}", p.workspace.display());
+    println!("models:    {}", p.models_dir.display());
+    println!("database:  {}", p.database.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_session(id: &str) -> Result<SessionId> {
+    Ok(SessionId::parse(id)?)
+}
+
+async fn run(loaded: &Loaded, env: &Env, args: RunArgs) -> Result<ExitCode> {
+    let agent = wiring::agent(loaded, env).await?;
+    let session = match &args.session {
+        Some(id) => agent.open_session(&parse_session(id)?).await?,
+        None => agent.create_session("cli").await?,
+    };
+    let ok = turn(&session, &args.text, args.json).await?;
+    if !args.json {
+        eprintln!("[session {}]", session.id());
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Runs one turn, printing as it streams. Ctrl-C cancels the turn.
+async fn turn(session: &Arc<AgentSession>, text: &str, json: bool) -> Result<bool> {
+    let (tx, mut rx) = mpsc::channel::<AgentEvent>(256);
+    let cancel = CancellationToken::new();
+    let s = session.clone();
+    let owned = text.to_owned();
+    let token = cancel.clone();
+    let mut task = tokio::spawn(async move { s.run_turn(&owned, tx, token).await });
+    let mut ok = false;
+    let mut stdout = std::io::stdout();
+    let mut at_line_start = true;
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                if json {
+                    println!("{}", serde_json::to_string(&ev)?);
+                }
+                match &ev {
+                    AgentEvent::Final { .. } => ok = true,
+                    AgentEvent::Error { message, .. } if !json => eprintln!("\nerror: {message}"),
+                    _ => {}
+                }
+                if !json {
+                    render(&ev, &mut stdout, &mut at_line_start)?;
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                cancel.cancel();
+            }
+        }
+    }
+    let _ = (&mut task).await;
+    if !json && !at_line_start {
+        println!();
+    }
+    Ok(ok)
+}
+
+fn render(ev: &AgentEvent, out: &mut std::io::Stdout, at_line_start: &mut bool) -> Result<()> {
+    match ev {
+        AgentEvent::TextDelta { text } => {
+            write!(out, "{text}")?;
+            out.flush()?;
+            *at_line_start = text.ends_with('\n');
+        }
+        AgentEvent::ToolStarted { name, args, .. } => {
+            if !*at_line_start {
+                println!();
+                *at_line_start = true;
+            }
+            eprintln!("-> {name} {}", truncate(args, 200));
+        }
+        AgentEvent::ToolFinished {
+            name,
+            outcome,
+            duration_ms,
+            output,
+            ..
+        } => {
+            let first = output.lines().next().unwrap_or_default();
+            eprintln!(
+                "<- {name} {} ({duration_ms} ms){}",
+                outcome.as_str(),
+                if *outcome == ToolOutcome::Ok {
+                    String::new()
+                } else {
+                    format!(": {}", truncate(first, 200))
+                }
+            );
+        }
+        AgentEvent::Accepted { .. } | AgentEvent::Final { .. } | AgentEvent::Error { .. } => {}
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        format!("{}...", s.chars().take(n).collect::<String>())
+    }
+}
+
+async fn repl(loaded: &Loaded, env: &Env, session: Option<String>) -> Result<ExitCode> {
+    use rustyline::error::ReadlineError;
+    let agent: Agent = wiring::agent(loaded, env).await?;
+    let mut current = match session {
+        Some(id) => agent.open_session(&parse_session(&id)?).await?,
+        None => agent.create_session("cli").await?,
+    };
+    let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
+    let history = loaded.paths.data_dir.join("repl_history.txt");
+    let _ = rl.load_history(&history);
+    eprintln!(
+        "openpista repl, session {} (/help for commands, /quit to leave)",
+        current.id()
+    );
+    loop {
+        let line = tokio::task::block_in_place(|| rl.readline("> "));
+        let line = match line {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => bail!("reading input: {e}"),
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let _ = rl.add_history_entry(line);
+        match line.split_once(' ').map_or((line, ""), |(c, r)| (c, r.trim())) {
+            ("/quit" | "/exit", _) => break,
+            ("/help", _) => eprintln!(
+                "/new             start a new session\n/sessions        list recent sessions\n/session ID      switch to a session\n/quit            leave"
+            ),
+            ("/new", _) => {
+                current = agent.create_session("cli").await?;
+                eprintln!("new session {}", current.id());
+            }
+            ("/sessions", _) => {
+                for s in agent.store().list_sessions(20).await? {
+                    eprintln!(
+                        "{}{} {} {} messages  {}",
+                        if s.id == *current.id() { "*" } else { " " },
+                        s.id,
+                        s.updated_at,
+                        s.message_count,
+                        s.title.unwrap_or_default()
+                    );
+                }
+            }
+            ("/session", id) => match parse_session(id) {
+                Ok(id) => match agent.open_session(&id).await {
+                    Ok(s) => {
+                        current = s;
+                        eprintln!("switched to session {}", current.id());
+                    }
+                    Err(e) => eprintln!("error: {e}"),
+                },
+                Err(e) => eprintln!("error: {e}"),
+            },
+            (cmd, _) if cmd.starts_with('/') => {
+                eprintln!("unknown command {cmd}; /help lists them")
+            }
+            _ => {
+                turn(&current, line, false).await?;
+            }
+        }
+    }
+    let _ = rl.save_history(&history);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn models(loaded: &Loaded, json: bool) -> Result<ExitCode> {
+    let dir = &loaded.paths.models_dir;
+    let list = openpista_llm::catalog::list(dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        println!(
+            "no .gguf models in {}\n{}",
+            dir.display(),
+            openpista_llm::local::FETCH_HINT.replace("MODELS_DIR", &dir.display().to_string())
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<40} {:>10} {:<12} {:>8} {:<8}",
+        "NAME", "SIZE", "ARCH", "CONTEXT", "QUANT"
+    );
+    for m in list {
+        match &m.error {
+            Some(e) => println!("{:<40} {:>10} error: {e}", m.name, human_size(m.size_bytes)),
+            None => println!(
+                "{:<40} {:>10} {:<12} {:>8} {:<8}",
+                m.name,
+                human_size(m.size_bytes),
+                m.architecture.as_deref().unwrap_or("?"),
+                m.context_length.map(|c| c.to_string()).unwrap_or_else(|| "?".into()),
+                m.quantization.as_deref().unwrap_or("?"),
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_size(bytes: u64) -> String {
+    const MB: f64 = 1024.0 * 1024.0;
+    if bytes as f64 >= 1024.0 * MB {
+        format!("{:.1} GiB", bytes as f64 / (1024.0 * MB))
+    } else {
+        format!("{:.1} MiB", bytes as f64 / MB)
+    }
+}
+
+async fn sessions(loaded: &Loaded, cmd: SessionsCommand) -> Result<ExitCode> {
+    let store = wiring::store(loaded).await?;
+    match cmd {
+        SessionsCommand::List { limit, json } => {
+            let list = store.list_sessions(i64::from(limit)).await?;
+            if json {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "id": s.id, "channel": s.channel, "title": s.title,
+                            "created_at": s.created_at.to_string(), "updated_at": s.updated_at.to_string(),
+                            "message_count": s.message_count,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if list.is_empty() {
+                println!("no sessions yet");
+            } else {
+                for s in list {
+                    println!(
+                        "{}  {:<8} {:>4} msgs  {}  {}",
+                        s.id,
+                        s.channel,
+                        s.message_count,
+                        s.updated_at,
+                        s.title.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        SessionsCommand::Show { id, limit, json } => {
+            let id = parse_session(&id)?;
+            if store.get_session(&id).await?.is_none() {
+                eprintln!("error: no session {id}");
+                return Ok(ExitCode::from(1));
+            }
+            let messages = store.recent_messages(&id, i64::from(limit)).await?;
+            if json {
+                let rows: Vec<_> = messages.iter().map(|m| &m.message).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for m in messages {
+                    let msg = &m.message;
+                    println!("[{}] {}", msg.role.as_str(), msg.content);
+                    for c in &msg.tool_calls {
+                        println!("    call {} {} {}", c.id, c.name, c.arguments);
+                    }
+                }
+            }
+        }
+        SessionsCommand::Rm { id } => {
+            let id = parse_session(&id)?;
+            if store.delete_session(&id).await? {
+                println!("deleted {id}");
+            } else {
+                eprintln!("error: no session {id}");
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tools(loaded: &Loaded, env: &Env, cmd: ToolsCommand) -> Result<ExitCode> {
+    let registry = wiring::tools(loaded, env)?;
+    match cmd {
+        ToolsCommand::List { json } => {
+            let defs = registry.definitions();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&defs)?);
+            } else {
+                for d in defs {
+                    println!("{:<14} {}", d.name, d.description);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ToolsCommand::Call { name, args } => {
+            let ctx = ToolContext {
+                workspace: loaded.paths.workspace.clone(),
+                cancel: CancellationToken::new(),
+                session_id: None,
+            };
+            let result = registry.call(&name, &args, &ctx).await;
+            println!("{}", result.content);
+            eprintln!(
+                "[{} in {} ms{}]",
+                result.outcome.as_str(),
+                result.duration.as_millis(),
+                result
+                    .exit_code
+                    .map(|c| format!(", exit code {c}"))
+                    .unwrap_or_default()
+            );
+            Ok(if result.outcome == ToolOutcome::Ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}

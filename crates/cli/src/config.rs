@@ -1,0 +1,298 @@
+//! The configuration file (`config.toml`) and where things live on disk.
+//!
+//! Every key is documented in `config.example.toml` at the repository root,
+//! which `openpista init` writes out. Unknown keys are errors that name the
+//! file, line and key. Secrets may come from the environment instead of the
+//! file: `OPENPISTA_API_KEY` (falling back to `OPENAI_API_KEY`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use openpista_agent::AgentConfig;
+use openpista_llm::local::LocalConfig;
+use openpista_llm::openai::OpenAiConfig;
+use openpista_tools::files::FileLimits;
+use openpista_tools::policy::CommandPolicy;
+use serde::Deserialize;
+
+/// The commented example configuration, written by `openpista init`.
+pub const EXAMPLE: &str = include_str!("../../../config.example.toml");
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub paths: PathsConfig,
+    pub llm: LlmConfig,
+    pub agent: AgentConfig,
+    pub tools: ToolsConfig,
+    pub skills: SkillsConfig,
+    pub log: LogConfig,
+}
+
+/// `[paths]`: empty values mean the defaults under the data directory.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    pub data_dir: Option<String>,
+    pub models_dir: Option<String>,
+    pub workspace: Option<String>,
+    pub database: Option<String>,
+}
+
+/// Which provider answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    #[default]
+    Local,
+    Openai,
+    Scripted,
+}
+
+/// `[llm]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    pub provider: ProviderKind,
+    pub local: LocalConfig,
+    pub openai: OpenAiConfig,
+    pub scripted: ScriptedConfig,
+}
+
+/// `[llm.scripted]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScriptedConfig {
+    /// TOML file of scripted replies (relative paths are relative to the config file).
+    pub file: Option<String>,
+}
+
+/// `[tools]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ToolsConfig {
+    pub system_run: CommandPolicy,
+    pub files: FileLimits,
+}
+
+/// `[skills]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SkillsConfig {
+    /// Extra skill folders searched after the workspace's `skills/`.
+    pub dirs: Vec<String>,
+    /// Characters of skill names/descriptions allowed in the system prompt.
+    pub prompt_budget: usize,
+}
+
+impl Default for SkillsConfig {
+    fn default() -> Self {
+        Self {
+            dirs: Vec::new(),
+            prompt_budget: 2000,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter (`RUST_LOG` overrides it), e.g. "info" or "openpista_agent=debug".
+    pub level: Option<String>,
+}
+
+/// What the process environment contributes (read once, in `main`).
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    pub home: Option<PathBuf>,
+    /// `OPENPISTA_HOME`: one root for config and data (tests, portable installs).
+    pub openpista_home: Option<PathBuf>,
+    pub api_key: Option<String>,
+    pub path: String,
+}
+
+impl Env {
+    /// Reads the variables openpista uses. The only place that reads the environment.
+    pub fn from_process() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            home: dirs::home_dir(),
+            openpista_home: var("OPENPISTA_HOME").map(PathBuf::from),
+            api_key: var("OPENPISTA_API_KEY").or_else(|| var("OPENAI_API_KEY")),
+            path: var("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".to_owned()),
+        }
+    }
+
+    /// The default config directory.
+    pub fn config_dir(&self) -> PathBuf {
+        match &self.openpista_home {
+            Some(h) => h.clone(),
+            None => dirs::config_dir()
+                .unwrap_or_else(|| self.home_or_tmp().join(".config"))
+                .join("openpista"),
+        }
+    }
+
+    /// The default data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        match &self.openpista_home {
+            Some(h) => h.clone(),
+            None => dirs::data_dir()
+                .unwrap_or_else(|| self.home_or_tmp().join(".local/share"))
+                .join("openpista"),
+        }
+    }
+
+    fn home_or_tmp(&self) -> PathBuf {
+        self.home.clone().unwrap_or_else(std::env::temp_dir)
+    }
+
+    /// Expands a leading `~`.
+    pub fn expand(&self, raw: &str) -> PathBuf {
+        openpista_memory::expand_tilde(raw, self.home.as_deref())
+    }
+}
+
+/// Resolved locations.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub config_file: PathBuf,
+    pub data_dir: PathBuf,
+    pub models_dir: PathBuf,
+    pub workspace: PathBuf,
+    pub database: PathBuf,
+}
+
+/// A loaded configuration with its resolved paths.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub paths: Paths,
+    /// Whether a config file was found (false: built-in defaults).
+    pub from_file: bool,
+}
+
+/// Loads `explicit` (must exist) or the default config file (may be absent).
+pub fn load(explicit: Option<&Path>, env: &Env) -> Result<Loaded> {
+    let default_file = env.config_dir().join("config.toml");
+    let (file, must_exist) = match explicit {
+        Some(p) => (p.to_path_buf(), true),
+        None => (default_file, false),
+    };
+    let (config, from_file) = match std::fs::read_to_string(&file) {
+        Ok(text) => (parse(&text, &file)?, true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+            (Config::default(), false)
+        }
+        Err(e) => bail!("cannot read config file {}: {e}", file.display()),
+    };
+    let data_dir = config
+        .paths
+        .data_dir
+        .as_deref()
+        .map(|p| env.expand(p))
+        .unwrap_or_else(|| env.data_dir());
+    let under = |opt: &Option<String>, default: &str| {
+        opt.as_deref()
+            .map(|p| env.expand(p))
+            .unwrap_or_else(|| data_dir.join(default))
+    };
+    let paths = Paths {
+        models_dir: under(&config.paths.models_dir, "models"),
+        workspace: under(&config.paths.workspace, "workspace"),
+        database: under(&config.paths.database, "openpista.db"),
+        data_dir: data_dir.clone(),
+        config_file: file,
+    };
+    Ok(Loaded {
+        config,
+        paths,
+        from_file,
+    })
+}
+
+/// Parses config text; errors name the file, line and key.
+pub fn parse(text: &str, file: &Path) -> Result<Config> {
+    let config: Config = toml::from_str(text)
+        .map_err(|e| anyhow::anyhow!("invalid config file {}:\n{e}", file.display()))?;
+    validate(&config).with_context(|| format!("invalid config file {}", file.display()))?;
+    Ok(config)
+}
+
+fn validate(config: &Config) -> Result<()> {
+    let l = &config.llm.local;
+    if !(0.0..=5.0).contains(&l.temperature) {
+        bail!("llm.local.temperature must be between 0 and 5, got {}", l.temperature);
+    }
+    if !(0.0..=1.0).contains(&l.top_p) || l.top_p == 0.0 {
+        bail!("llm.local.top_p must be in (0, 1], got {}", l.top_p);
+    }
+    if l.max_tokens == 0 {
+        bail!("llm.local.max_tokens must be at least 1");
+    }
+    if config.agent.history_limit == 0 {
+        bail!("agent.history_limit must be at least 1");
+    }
+    if config.llm.provider == ProviderKind::Scripted && config.llm.scripted.file.is_none() {
+        bail!("llm.provider = \"scripted\" needs llm.scripted.file");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_matches_defaults() {
+        let c = parse(EXAMPLE, Path::new("config.example.toml")).unwrap();
+        assert_eq!(c.llm.provider, ProviderKind::Local);
+        assert_eq!(c.agent.max_tool_rounds, AgentConfig::default().max_tool_rounds);
+        assert_eq!(c.llm.local, LocalConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse("[llm]\nprovider = \"local\"\n\n[agent]\nmax_rounds = 3\n", Path::new("/x/config.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/x/config.toml"), "{err}");
+        assert!(err.contains("line 5"), "{err}");
+        assert!(err.contains("max_rounds"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(parse("[llm.local]\ntemperature = -1.0\n", Path::new("c")).is_err());
+        assert!(parse("[llm]\nprovider = \"scripted\"\n", Path::new("c")).is_err());
+        assert!(parse("[llm]\nprovider = \"nope\"\n", Path::new("c")).is_err());
+    }
+
+    #[test]
+    fn paths_default_under_data_dir_and_expand_tilde() {
+        let env = Env {
+            home: Some(PathBuf::from("/home/u")),
+            openpista_home: Some(PathBuf::from("/tmp/op")),
+            ..Env::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[paths]\nworkspace = \"~/ws\"\n").unwrap();
+        let l = load(Some(&f), &env).unwrap();
+        assert_eq!(l.paths.workspace, PathBuf::from("/home/u/ws"));
+        assert_eq!(l.paths.database, PathBuf::from("/tmp/op/openpista.db"));
+        assert!(load(Some(&dir.path().join("missing.toml")), &env).is_err());
+    }
+}

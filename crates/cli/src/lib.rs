@@ -1,0 +1,155 @@
+//! The `openpista` command line: argument definitions, configuration,
+//! wiring of the library crates, and the user-facing commands.
+//!
+//! This is the only crate that reads the environment, installs the tracing
+//! subscriber or decides the process exit code.
+
+pub mod config;
+mod commands;
+mod wiring;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Env, LogFormat};
+
+/// A personal agent on your own machine, reachable from anywhere, secure by default.
+#[derive(Debug, Parser)]
+#[command(name = "openpista", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file (default: ~/.config/openpista/config.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a commented config file and create the workspace and models folders.
+    Init {
+        /// Overwrite an existing config file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run one message and print the answer.
+    Run(RunArgs),
+    /// Chat interactively.
+    Repl {
+        /// Continue this session.
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// List the GGUF models in the models folder.
+    Models {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect stored sessions.
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+    /// List tools or call one through the same policy as the agent.
+    #[command(subcommand)]
+    Tools(ToolsCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The message.
+    #[arg(short = 'e', long = "execute", value_name = "TEXT")]
+    pub text: String,
+    /// Continue this session (default: a new one).
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Print every event as a JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// Newest sessions first.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A session's messages and tool calls.
+    Show {
+        id: String,
+        #[arg(long, default_value_t = 200)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a session and everything in it.
+    Rm { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ToolsCommand {
+    /// The tools the agent can call, with their argument schemas.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call one tool, exactly as the agent would.
+    Call {
+        name: String,
+        /// Arguments as JSON.
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+}
+
+/// Runs the command and returns the process exit code:
+/// 0 success, 1 the command failed, 2 bad usage or configuration.
+pub fn main(cli: Cli, env: Env) -> ExitCode {
+    let loaded = match config::load(cli.config.as_deref(), &env) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let format = cli.log_format.unwrap_or(loaded.config.log.format);
+    init_logging(format, loaded.config.log.level.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(commands::dispatch(cli.command, loaded, env));
+    // Do not wait for blocking tasks (e.g. a generation that was cancelled).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level.unwrap_or("warn")))
+        .unwrap_or_else(|_| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,110 @@
+//! Builds the running parts (store, tools, model, agent) from the configuration.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use openpista_agent::{Agent, AgentParts};
+use openpista_llm::LlmProvider;
+use openpista_llm::local::{LocalProvider, resolve_model};
+use openpista_llm::openai::OpenAiProvider;
+use openpista_llm::scripted::{Script, ScriptedProvider};
+use openpista_memory::Store;
+use openpista_skills::SkillSet;
+use openpista_tools::ToolRegistry;
+
+use crate::config::{Env, Loaded, ProviderKind};
+
+/// Opens (and migrates) the database.
+pub async fn store(loaded: &Loaded) -> Result<Store> {
+    Store::open(&loaded.paths.database)
+        .await
+        .with_context(|| format!("opening the database {}", loaded.paths.database.display()))
+}
+
+/// The built-in tools under the configured policy. Tool processes get a
+/// minimal environment: no secret of ours can reach them.
+pub fn tools(loaded: &Loaded, env: &Env) -> Result<Arc<ToolRegistry>> {
+    std::fs::create_dir_all(&loaded.paths.workspace).with_context(|| {
+        format!("creating the workspace {}", loaded.paths.workspace.display())
+    })?;
+    let child_env = openpista_sandbox::minimal_env(&env.path, &loaded.paths.workspace);
+    let registry = openpista_tools::builtin_registry(
+        loaded.config.tools.system_run.clone(),
+        loaded.config.tools.files.clone(),
+        child_env,
+    )?;
+    Ok(Arc::new(registry))
+}
+
+/// Skills from `<workspace>/skills` and the configured extra folders.
+pub fn skills(loaded: &Loaded, env: &Env) -> SkillSet {
+    let mut roots = vec![loaded.paths.workspace.join("skills")];
+    roots.extend(loaded.config.skills.dirs.iter().map(|d| env.expand(d)));
+    openpista_skills::discover(&roots)
+}
+
+/// The configured model provider. Loading a local model shows progress on stderr.
+pub async fn llm(loaded: &Loaded, env: &Env) -> Result<Arc<dyn LlmProvider>> {
+    let cfg = &loaded.config.llm;
+    Ok(match cfg.provider {
+        ProviderKind::Local => {
+            let path = resolve_model(&loaded.paths.models_dir, &cfg.local.model)?;
+            let local_cfg = cfg.local.clone();
+            let bar = indicatif::ProgressBar::new(100).with_message(format!(
+                "loading {}",
+                path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            ));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}%")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let cb_bar = bar.clone();
+            let provider = tokio::task::spawn_blocking(move || {
+                LocalProvider::load(&path, local_cfg, move |p| {
+                    cb_bar.set_position((p * 100.0) as u64);
+                    true
+                })
+            })
+            .await
+            .context("the model loader stopped")??;
+            bar.finish_and_clear();
+            Arc::new(provider)
+        }
+        ProviderKind::Openai => {
+            let mut oc = cfg.openai.clone();
+            if env.api_key.is_some() {
+                oc.api_key = env.api_key.clone();
+            }
+            Arc::new(OpenAiProvider::new(oc)?)
+        }
+        ProviderKind::Scripted => {
+            let raw = cfg.scripted.file.as_deref().unwrap_or_default();
+            let mut path = env.expand(raw);
+            if path.is_relative() {
+                if let Some(dir) = loaded.paths.config_file.parent() {
+                    path = dir.join(path);
+                }
+            }
+            Arc::new(ScriptedProvider::new(Script::from_file(&path)?))
+        }
+    })
+}
+
+/// The agent with everything wired in.
+pub async fn agent(loaded: &Loaded, env: &Env) -> Result<Agent> {
+    let store = store(loaded).await?;
+    let tools = tools(loaded, env)?;
+    let skills = skills(loaded, env);
+    for e in &skills.errors {
+        tracing::warn!(error = %e, "invalid skill skipped");
+    }
+    let llm = llm(loaded, env).await?;
+    Ok(Agent::new(AgentParts {
+        llm,
+        tools,
+        store,
+        config: loaded.config.agent.clone(),
+        workspace: loaded.paths.workspace.clone(),
+        skills_context: skills.prompt_context(loaded.config.skills.prompt_budget),
+    }))
+}

@@ -1,0 +1,225 @@
+//! The one error type of this crate, and how SQLite failures map onto it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use openpista_proto::{MessageId, SessionId};
+use sqlx::error::ErrorKind;
+use sqlx::migrate::MigrateError;
+
+/// Everything that can go wrong while storing or reading history.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemoryError {
+    /// The directory that should hold the database could not be created.
+    ///
+    /// Cause: permissions, a read-only file system, or a file where a
+    /// directory should be. Retrying helps only after that is fixed.
+    #[error("cannot create directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The file exists but is not an SQLite database (SQLITE_NOTADB).
+    ///
+    /// Cause: a wrong `--db` path or a file overwritten by something else.
+    /// The file is left untouched. Retrying does not help.
+    #[error(
+        "{path} is not an SQLite database; it was left untouched (check the configured database path)"
+    )]
+    NotADatabase { path: PathBuf },
+
+    /// The database stayed locked by another connection or process for longer
+    /// than the busy timeout (SQLITE_BUSY / SQLITE_LOCKED).
+    ///
+    /// Cause: another openpista process (or an `sqlite3` shell) holding a
+    /// write transaction. Retrying helps once that transaction ends.
+    #[error(
+        "database {path} is locked by another connection or process (waited {waited:?}); \
+         is another openpista running?"
+    )]
+    Locked { path: PathBuf, waited: Duration },
+
+    /// SQLite reports the file itself as damaged (SQLITE_CORRUPT).
+    ///
+    /// Cause: disk or file-system failure, or outside tampering. Retrying does
+    /// not help; restore a backup or start a new database.
+    #[error("database {path} is corrupt: {message}")]
+    DatabaseCorrupt { path: PathBuf, message: String },
+
+    /// The schema migrations could not be applied.
+    ///
+    /// Cause: a database written by a newer openpista (unknown migration), a
+    /// modified migration file, or a failing migration statement. Retrying
+    /// does not help.
+    #[error("cannot migrate database {path}: {source}")]
+    Migrate {
+        path: PathBuf,
+        #[source]
+        source: MigrateError,
+    },
+
+    /// The session does not exist (never created, or deleted).
+    ///
+    /// Cause: a caller bug or a concurrent `delete_session`. Retrying does not
+    /// help; create the session first.
+    #[error("session {0} does not exist")]
+    SessionNotFound(SessionId),
+
+    /// `create_session` was asked for an id that is already taken.
+    ///
+    /// Cause: a duplicate id. Retrying does not help; use `ensure_session` to
+    /// accept an existing session.
+    #[error("session {0} already exists")]
+    SessionExists(SessionId),
+
+    /// A tool invocation names a message that does not exist in its session.
+    ///
+    /// Cause: a caller bug. Retrying does not help.
+    #[error("message {message_id} does not exist in session {session_id}")]
+    MessageNotFound {
+        session_id: SessionId,
+        message_id: MessageId,
+    },
+
+    /// A stored row cannot be turned back into our types: malformed
+    /// `tool_calls` JSON, an unknown role or outcome, an invalid session id,
+    /// a negative count, a value of the wrong SQL type.
+    ///
+    /// Cause: the database was edited outside openpista. Retrying does not
+    /// help; the row must be repaired or deleted.
+    #[error("corrupt row {key} in table {table}: {reason}")]
+    CorruptRow {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+
+    /// A number is too large for an SQLite INTEGER (more than `i64::MAX`).
+    ///
+    /// Cause: a nonsensical token count or duration from the caller.
+    /// Retrying does not help.
+    #[error("{field} = {value} is too large to store")]
+    OutOfRange { field: &'static str, value: u64 },
+
+    /// A value could not be encoded as JSON for storage.
+    ///
+    /// Cause: a serializer failure (not expected for our types). Retrying does
+    /// not help.
+    #[error("cannot encode {what} as JSON: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// Any other SQLite or pool failure: I/O errors, a full disk, a file that
+    /// cannot be opened, a closed pool.
+    ///
+    /// Cause: see the source. Retrying may help for transient I/O or a full
+    /// disk once space is freed; not for the rest.
+    #[error("database {path}: {source}")]
+    Database {
+        path: PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// SQLite primary result codes we tell apart (the low byte of extended codes).
+const SQLITE_CORRUPT: i32 = 11;
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_NOTADB: i32 = 26;
+
+/// Where an error happened, so that it can name the file and the wait.
+#[derive(Debug, Clone)]
+pub(crate) struct ErrorContext {
+    pub path: PathBuf,
+    pub busy_timeout: Duration,
+}
+
+impl ErrorContext {
+    pub(crate) fn new(path: &Path, busy_timeout: Duration) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            busy_timeout,
+        }
+    }
+
+    /// Maps an sqlx error onto the variant that says what went wrong.
+    pub(crate) fn sql(&self, err: sqlx::Error) -> MemoryError {
+        let primary = match &err {
+            sqlx::Error::Database(db) => db
+                .code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .map(|code| code & 0xff),
+            _ => None,
+        };
+        match primary {
+            Some(SQLITE_BUSY | SQLITE_LOCKED) => MemoryError::Locked {
+                path: self.path.clone(),
+                waited: self.busy_timeout,
+            },
+            Some(SQLITE_NOTADB) => MemoryError::NotADatabase {
+                path: self.path.clone(),
+            },
+            Some(SQLITE_CORRUPT) => MemoryError::DatabaseCorrupt {
+                path: self.path.clone(),
+                message: err.to_string(),
+            },
+            _ => MemoryError::Database {
+                path: self.path.clone(),
+                source: err,
+            },
+        }
+    }
+
+    /// Like [`ErrorContext::sql`], but a uniqueness violation means `id` is taken.
+    pub(crate) fn sql_insert_session(&self, err: sqlx::Error, id: &SessionId) -> MemoryError {
+        let unique = matches!(
+            &err,
+            sqlx::Error::Database(db) if db.kind() == ErrorKind::UniqueViolation
+        );
+        if unique {
+            MemoryError::SessionExists(id.clone())
+        } else {
+            self.sql(err)
+        }
+    }
+
+    /// Maps a migration failure, keeping lock and not-a-database errors clear.
+    pub(crate) fn migrate(&self, err: MigrateError) -> MemoryError {
+        match err {
+            MigrateError::Execute(inner) => match self.sql(inner) {
+                MemoryError::Database { source, .. } => MemoryError::Migrate {
+                    path: self.path.clone(),
+                    source: MigrateError::Execute(source),
+                },
+                clear => clear,
+            },
+            MigrateError::ExecuteMigration(inner, version) => match self.sql(inner) {
+                MemoryError::Database { source, .. } => MemoryError::Migrate {
+                    path: self.path.clone(),
+                    source: MigrateError::ExecuteMigration(source, version),
+                },
+                clear => clear,
+            },
+            other => MemoryError::Migrate {
+                path: self.path.clone(),
+                source: other,
+            },
+        }
+    }
+}
+
+/// A [`MemoryError::CorruptRow`] for `table`, row `key`.
+pub(crate) fn corrupt(table: &'static str, key: impl ToString, reason: impl ToString) -> MemoryError {
+    MemoryError::CorruptRow {
+        table,
+        key: key.to_string(),
+        reason: reason.to_string(),
+    }
+}

@@ -1,0 +1,158 @@
+//! Sessions: one row per conversation.
+
+use chrono::{DateTime, Utc};
+use openpista_proto::SessionId;
+use sqlx::sqlite::SqliteRow;
+
+use crate::error::{MemoryError, corrupt};
+use crate::store::{Store, col, from_millis, now_millis, sql_limit, to_u64};
+
+/// A stored session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    /// The channel the session was created on (`cli`, `telegram`, ...).
+    pub channel: String,
+    pub title: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// When the last message was appended (creation time until then).
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A session as listed: its record plus how many messages it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSummary {
+    pub id: SessionId,
+    pub channel: String,
+    pub title: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub message_count: u64,
+}
+
+impl Store {
+    /// Creates a session; [`MemoryError::SessionExists`] if `id` is taken.
+    pub async fn create_session(
+        &self,
+        id: &SessionId,
+        channel: &str,
+        title: Option<&str>,
+    ) -> Result<(), MemoryError> {
+        let now = now_millis();
+        sqlx::query(
+            "INSERT INTO sessions (id, channel, title, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id.as_str())
+        .bind(channel)
+        .bind(title)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.ctx.sql_insert_session(e, id))?;
+        Ok(())
+    }
+
+    /// Creates the session unless it exists; returns whether it was created.
+    /// An existing session keeps its channel and title.
+    pub async fn ensure_session(&self, id: &SessionId, channel: &str) -> Result<bool, MemoryError> {
+        let now = now_millis();
+        let done = sqlx::query(
+            "INSERT INTO sessions (id, channel, title, created_at, updated_at)
+             VALUES (?, ?, NULL, ?, ?)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.as_str())
+        .bind(channel)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.sql(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The session `id`, if it exists.
+    pub async fn get_session(&self, id: &SessionId) -> Result<Option<SessionRecord>, MemoryError> {
+        let row = sqlx::query(
+            "SELECT id, channel, title, created_at, updated_at FROM sessions WHERE id = ?",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.sql(e))?;
+        row.as_ref().map(decode_record).transpose()
+    }
+
+    /// Up to `limit` sessions, most recently updated first, with their
+    /// message counts.
+    pub async fn list_sessions(&self, limit: usize) -> Result<Vec<SessionSummary>, MemoryError> {
+        let rows = sqlx::query(
+            "SELECT s.id, s.channel, s.title, s.created_at, s.updated_at,
+                    (SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) AS message_count
+             FROM sessions s
+             ORDER BY s.updated_at DESC, s.rowid DESC
+             LIMIT ?",
+        )
+        .bind(sql_limit(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.sql(e))?;
+        rows.iter()
+            .map(|row| {
+                let record = decode_record(row)?;
+                let count: i64 = col(row, "message_count", "sessions", &record.id)?;
+                Ok(SessionSummary {
+                    message_count: to_u64(count, "sessions", &record.id, "message_count")?,
+                    id: record.id,
+                    channel: record.channel,
+                    title: record.title,
+                    created_at: record.created_at,
+                    updated_at: record.updated_at,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes a session with its messages and tool invocations; returns
+    /// whether it existed.
+    pub async fn delete_session(&self, id: &SessionId) -> Result<bool, MemoryError> {
+        let done = sqlx::query("DELETE FROM sessions WHERE id = ?")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Sets (or with `None`, clears) the title; [`MemoryError::SessionNotFound`]
+    /// if there is no such session. Does not change `updated_at`.
+    pub async fn set_title(&self, id: &SessionId, title: Option<&str>) -> Result<(), MemoryError> {
+        let done = sqlx::query("UPDATE sessions SET title = ? WHERE id = ?")
+            .bind(title)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.sql(e))?;
+        if done.rows_affected() == 0 {
+            return Err(MemoryError::SessionNotFound(id.clone()));
+        }
+        Ok(())
+    }
+}
+
+fn decode_record(row: &SqliteRow) -> Result<SessionRecord, MemoryError> {
+    const T: &str = "sessions";
+    let raw_id: String = col(row, "id", T, &"?")?;
+    let id = SessionId::parse(&raw_id).map_err(|e| corrupt(T, &raw_id, e))?;
+    let created_at: i64 = col(row, "created_at", T, &id)?;
+    let updated_at: i64 = col(row, "updated_at", T, &id)?;
+    Ok(SessionRecord {
+        channel: col(row, "channel", T, &id)?,
+        title: col(row, "title", T, &id)?,
+        created_at: from_millis(created_at, T, &id)?,
+        updated_at: from_millis(updated_at, T, &id)?,
+        id,
+    })
+}

@@ -1,0 +1,264 @@
+//! Tools the agent can call, and the policy they run under.
+//!
+//! A [`Tool`] has a definition (name, description, JSON schema) and one
+//! required method, [`Tool::call`]. The [`ToolRegistry`] is the single path
+//! every call takes, whether it comes from the model or from
+//! `openpista tools call`: unknown names and arguments that fail the schema
+//! are answered with an error result, and a failing tool never aborts a turn.
+//!
+//! Built-in tools: [`system_run::SystemRun`] (`system.run`, a command under an
+//! operator policy: `deny`, `allowlist` or `full`) and the workspace-confined
+//! file tools in [`files`] (`file.read`, `file.write`, `file.list`).
+//!
+//! This crate knows nothing of models or sessions.
+
+pub mod files;
+pub mod policy;
+pub mod system_run;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use openpista_proto::{SessionId, ToolDefinition, ToolOutcome};
+use tokio_util::sync::CancellationToken;
+
+/// What a tool needs to know about the call it is serving.
+#[derive(Debug, Clone)]
+pub struct ToolContext {
+    /// The directory file tools and commands are confined to.
+    pub workspace: PathBuf,
+    /// Cancelled when the turn is cancelled; long tools must stop.
+    pub cancel: CancellationToken,
+    /// The session the call belongs to, when there is one.
+    pub session_id: Option<SessionId>,
+}
+
+/// A successful (or at least completed) tool run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolOutput {
+    /// Text fed back to the model (already capped).
+    pub content: String,
+    /// Exit code, for tools that run a process.
+    pub exit_code: Option<i32>,
+    /// How it ended. `Ok` unless the tool ran and reported failure
+    /// (e.g. a non-zero exit), which is `Error`.
+    pub outcome: ToolOutcome,
+}
+
+impl ToolOutput {
+    pub fn ok(content: impl Into<String>) -> Self {
+        Self {
+            content: content.into(),
+            exit_code: None,
+            outcome: ToolOutcome::Ok,
+        }
+    }
+}
+
+/// Why a tool call did not produce output.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// No tool of that name is registered. The model may retry with a listed name.
+    #[error("unknown tool {name:?}; available tools: {available}")]
+    UnknownTool { name: String, available: String },
+    /// The arguments are not valid JSON or fail the tool's schema. The model may retry with fixed arguments.
+    #[error("invalid arguments for {tool}: {reason}")]
+    InvalidArguments { tool: String, reason: String },
+    /// The operator's policy refuses this call. Retrying the same call cannot help.
+    #[error("denied by policy: {0}")]
+    Denied(String),
+    /// The tool hit its deadline and was stopped.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The turn was cancelled while the tool ran.
+    #[error("cancelled")]
+    Cancelled,
+    /// The tool ran into an error (I/O, spawn failure, ...).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ToolError {
+    /// The outcome recorded for this error.
+    pub fn outcome(&self) -> ToolOutcome {
+        match self {
+            ToolError::Denied(_) => ToolOutcome::Denied,
+            ToolError::Timeout(_) => ToolOutcome::Timeout,
+            ToolError::Cancelled => ToolOutcome::Cancelled,
+            ToolError::UnknownTool { .. }
+            | ToolError::InvalidArguments { .. }
+            | ToolError::Failed(_) => ToolOutcome::Error,
+        }
+    }
+}
+
+/// A capability the model can invoke.
+#[async_trait]
+pub trait Tool: Send + Sync {
+    /// Name, description and argument schema (a JSON-schema object).
+    fn definition(&self) -> ToolDefinition;
+
+    /// Runs the tool. `args` already passed the schema. Required.
+    async fn call(
+        &self,
+        args: serde_json::Value,
+        ctx: &ToolContext,
+    ) -> Result<ToolOutput, ToolError>;
+}
+
+/// The result of one call through the registry: always produced, never a panic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolResult {
+    pub outcome: ToolOutcome,
+    /// Text for the model: the output, or a clear error message.
+    pub content: String,
+    pub exit_code: Option<i32>,
+    pub duration: Duration,
+}
+
+struct Registered {
+    tool: Arc<dyn Tool>,
+    definition: ToolDefinition,
+    validator: jsonschema::Validator,
+}
+
+/// The set of tools available to a session.
+#[derive(Default)]
+pub struct ToolRegistry {
+    tools: BTreeMap<String, Registered>,
+}
+
+impl std::fmt::Debug for ToolRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.tools.keys()).finish()
+    }
+}
+
+impl ToolRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a tool. Fails if its schema is not a valid JSON schema or the name is taken.
+    pub fn register(&mut self, tool: Arc<dyn Tool>) -> Result<(), ToolError> {
+        let definition = tool.definition();
+        let validator = jsonschema::validator_for(&definition.parameters).map_err(|e| {
+            ToolError::InvalidArguments {
+                tool: definition.name.clone(),
+                reason: format!("the tool's own schema is invalid: {e}"),
+            }
+        })?;
+        if self.tools.contains_key(&definition.name) {
+            return Err(ToolError::Failed(format!(
+                "tool {} is registered twice",
+                definition.name
+            )));
+        }
+        self.tools.insert(
+            definition.name.clone(),
+            Registered {
+                tool,
+                definition,
+                validator,
+            },
+        );
+        Ok(())
+    }
+
+    /// Definitions of every registered tool, sorted by name.
+    pub fn definitions(&self) -> Vec<ToolDefinition> {
+        self.tools.values().map(|r| r.definition.clone()).collect()
+    }
+
+    /// Whether a tool of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tools.contains_key(name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty()
+    }
+
+    /// Parses and validates `raw_args` (JSON text) for `name`.
+    pub fn validate(&self, name: &str, raw_args: &str) -> Result<serde_json::Value, ToolError> {
+        let reg = self.tools.get(name).ok_or_else(|| ToolError::UnknownTool {
+            name: name.chars().take(100).collect(),
+            available: self.tools.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        let raw = if raw_args.trim().is_empty() {
+            "{}"
+        } else {
+            raw_args
+        };
+        let args: serde_json::Value =
+            serde_json::from_str(raw).map_err(|e| ToolError::InvalidArguments {
+                tool: name.to_owned(),
+                reason: format!("not valid JSON ({e})"),
+            })?;
+        let errors: Vec<String> = reg
+            .validator
+            .iter_errors(&args)
+            .take(5)
+            .map(|e| {
+                let path = e.instance_path.to_string();
+                if path.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{path}: {e}")
+                }
+            })
+            .collect();
+        if !errors.is_empty() {
+            return Err(ToolError::InvalidArguments {
+                tool: name.to_owned(),
+                reason: errors.join("; "),
+            });
+        }
+        Ok(args)
+    }
+
+    /// Runs one call: validates, runs, and turns every failure into a result
+    /// the model can read.
+    pub async fn call(&self, name: &str, raw_args: &str, ctx: &ToolContext) -> ToolResult {
+        let started = Instant::now();
+        let outcome = match self.validate(name, raw_args) {
+            Ok(args) => {
+                let tool = match self.tools.get(name) {
+                    Some(reg) => reg.tool.clone(),
+                    None => {
+                        return ToolResult {
+                            outcome: ToolOutcome::Error,
+                            content: format!("error: unknown tool {name:?}"),
+                            exit_code: None,
+                            duration: started.elapsed(),
+                        };
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    () = ctx.cancel.cancelled() => Err(ToolError::Cancelled),
+                    r = tool.call(args, ctx) => r,
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let duration = started.elapsed();
+        match outcome {
+            Ok(out) => ToolResult {
+                outcome: out.outcome,
+                content: out.content,
+                exit_code: out.exit_code,
+                duration,
+            },
+            Err(e) => ToolResult {
+                outcome: e.outcome(),
+                content: format!("error: {e}"),
+                exit_code: None,
+                duration,
+            },
+        }
+    }
+}
