@@ -117,7 +117,7 @@ const GGUF_TYPE_UINT64: u32 = 10;
 
 fn string_val(ctx: &GgufContext, key: &str) -> Option<String> {
     let idx = ctx.find_key(key);
-    if idx < 0 || ctx.kv_type(idx) as u32 != GGUF_TYPE_STRING {
+    if idx < 0 || ctx.kv_type(idx) != GGUF_TYPE_STRING {
         return None;
     }
     ctx.val_str(idx).map(str::to_owned)
@@ -129,7 +129,7 @@ fn int_val(ctx: &GgufContext, key: &str) -> Option<u64> {
         return None;
     }
     // Typed getters abort on a type mismatch, so check the type first.
-    match ctx.kv_type(idx) as u32 {
+    match ctx.kv_type(idx) {
         GGUF_TYPE_UINT32 => Some(u64::from(ctx.val_u32(idx))),
         GGUF_TYPE_INT32 => u64::try_from(ctx.val_i32(idx)).ok(),
         GGUF_TYPE_UINT64 => Some(ctx.val_u64(idx)),

@@ -19,15 +19,29 @@ use std::fmt::Write as _;
 use openpista_proto::ToolDefinition;
 use serde_json::Value;
 
-/// Longest string the grammar lets a model write inside a JSON string value.
-pub const MAX_STRING_CHARS: usize = 1024;
 /// Deepest nesting of schema objects/arrays expanded into rules.
 const MAX_DEPTH: usize = 6;
+
+/// Which replies a grammar allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrammarShape {
+    /// One or more calls, one JSON object per line (`tool_choice = required`).
+    Calls,
+    /// Either `{"tool_call": <call>}` or `{"response": "<free text>"}`
+    /// (`tool_choice = auto`): the model must decide, at a token, between
+    /// calling a tool and answering; the answer's text itself is unconstrained.
+    Envelope,
+}
 
 /// The GBNF grammar (root rule `root`) for one or more tool calls, one per line.
 ///
 /// Returns `None` when `tools` is empty.
 pub fn tool_call_grammar(tools: &[ToolDefinition]) -> Option<String> {
+    grammar_for(tools, GrammarShape::Calls)
+}
+
+/// The GBNF grammar of the given shape. Returns `None` when `tools` is empty.
+pub fn grammar_for(tools: &[ToolDefinition], shape: GrammarShape) -> Option<String> {
     if tools.is_empty() {
         return None;
     }
@@ -46,7 +60,13 @@ pub fn tool_call_grammar(tools: &[ToolDefinition]) -> Option<String> {
         alternatives.push(rule);
     }
     g.define("call", alternatives.join(" | "));
-    g.define("root", "call (\"\\n\" call){0,7}".to_owned());
+    let root = match shape {
+        GrammarShape::Calls => "call (\"\\n\" call){0,7}",
+        GrammarShape::Envelope => {
+            "\"{\\\"tool_call\\\": \" call \"}\" | \"{\\\"response\\\": \" string \"}\""
+        }
+    };
+    g.define("root", root.to_owned());
     Some(g.finish())
 }
 
@@ -64,9 +84,8 @@ impl Builder {
         self.define("ws", "[ ]?".to_owned());
         self.define(
             "string",
-            format!(
-                "\"\\\"\" ( [^\"\\\\\\x00-\\x1F\\x7F] | \"\\\\\" ( [\"\\\\/bfnrt] | \"u\" [0-9a-fA-F]{{4}} ) ){{0,{MAX_STRING_CHARS}}} \"\\\"\""
-            ),
+            "\"\\\"\" ( [^\"\\\\\\x00-\\x1F\\x7F] | \"\\\\\" ( [\"\\\\/bfnrt] | \"u\" [0-9a-fA-F]{4} ) )* \"\\\"\""
+                .to_owned(),
         );
         self.define("integer", "\"-\"? [0-9]{1,15}".to_owned());
         self.define("uinteger", "[0-9]{1,15}".to_owned());
@@ -343,8 +362,23 @@ mod tests {
         )])
         .unwrap();
         assert!(g.contains(r#""\"b\\\"c\"""#), "{g}");
-        assert!(g.contains("args0-p1 ::= \"[\""), "{g}");
-        assert!(g.contains("args0-p2 ::= string | null"), "{g}");
+        // Properties are ordered by name: mode, opt, tags.
+        assert!(g.contains("args0-p1 ::= string | null"), "{g}");
+        assert!(g.contains("args0-p2 ::= \"[\""), "{g}");
+    }
+
+    #[test]
+    fn envelope_offers_a_call_or_a_response() {
+        let g = grammar_for(
+            &[tool("t", json!({"type": "object", "properties": {}}))],
+            GrammarShape::Envelope,
+        )
+        .unwrap();
+        let root = g.lines().next().unwrap();
+        assert_eq!(
+            root,
+            r#"root ::= "{\"tool_call\": " call "}" | "{\"response\": " string "}""#
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::grammar::{GrammarShape, grammar_for};
 use crate::{ChatRequest, FinishReason, LlmError, LlmEvent, LlmProvider, LlmStream, ToolChoice};
 
 /// The model used when the configuration names none.
@@ -87,12 +88,13 @@ pub fn resolve_model(models_dir: &Path, model: &str) -> Result<PathBuf, LlmError
         return Ok(path);
     }
     // A bare file name may live in a subfolder of the models directory.
-    if candidate.components().count() == 1 {
-        if let Ok(found) = crate::catalog::discover(models_dir) {
-            if let Some(hit) = found.into_iter().find(|p| p.file_name() == Some(candidate.as_os_str())) {
-                return Ok(hit);
-            }
-        }
+    if candidate.components().count() == 1
+        && let Ok(found) = crate::catalog::discover(models_dir)
+        && let Some(hit) = found
+            .into_iter()
+            .find(|p| p.file_name() == Some(candidate.as_os_str()))
+    {
+        return Ok(hit);
     }
     Err(LlmError::ModelMissing(format!(
         "model {model:?} not found (looked for {}); {}",
@@ -273,7 +275,7 @@ type Tx = mpsc::Sender<Result<LlmEvent, LlmError>>;
 
 impl Inner {
     fn render(&self, request: &ChatRequest) -> Result<String, LlmError> {
-        let use_tools = !request.tools.is_empty() && request.tool_choice != ToolChoice::None;
+        let shape = shape_for(request);
         let mut chat = Vec::with_capacity(request.messages.len() + 1);
         let mut system_seen = false;
         for msg in &request.messages {
@@ -281,14 +283,14 @@ impl Inner {
                 Role::System => {
                     system_seen = true;
                     let mut content = msg.content.clone();
-                    if use_tools {
+                    if let Some(shape) = shape {
                         content.push_str("\n\n");
-                        content.push_str(&tool_instructions(&request.tools));
+                        content.push_str(&tool_instructions(&request.tools, shape));
                     }
                     ("system", content)
                 }
                 Role::User => ("user", msg.content.clone()),
-                Role::Assistant => ("assistant", render_assistant(msg)),
+                Role::Assistant => ("assistant", render_assistant(msg, shape)),
                 Role::Tool => (
                     "user",
                     format!(
@@ -304,10 +306,10 @@ impl Inner {
                     .map_err(|e| LlmError::Inference(format!("chat message: {e}")))?,
             );
         }
-        if use_tools && !system_seen {
+        if let (Some(shape), false) = (shape, system_seen) {
             chat.insert(
                 0,
-                LlamaChatMessage::new("system".to_owned(), tool_instructions(&request.tools))
+                LlamaChatMessage::new("system".to_owned(), tool_instructions(&request.tools, shape))
                     .map_err(|e| LlmError::Inference(format!("chat message: {e}")))?,
             );
         }
@@ -369,48 +371,36 @@ impl Inner {
         let temperature = request.sampling.temperature.unwrap_or(self.cfg.temperature);
         let top_p = request.sampling.top_p.unwrap_or(self.cfg.top_p);
         let seed = request.sampling.seed.unwrap_or(self.cfg.seed);
-        let grammar = if request.tool_choice == ToolChoice::None {
-            None
+        let shape = shape_for(request);
+        let grammar = shape.and_then(|sh| grammar_for(&request.tools, sh));
+        let mut chain = Vec::new();
+        if let Some(g) = &grammar {
+            chain.push(
+                LlamaSampler::grammar(&self.model, g, "root")
+                    .map_err(|e| LlmError::Inference(format!("tool grammar: {e}")))?,
+            );
+        }
+        if temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
         } else {
-            crate::grammar::tool_call_grammar(&request.tools)
-        };
-        let make_sampler = |with_grammar: bool| -> Result<LlamaSampler, LlmError> {
-            let mut chain = Vec::new();
-            if with_grammar {
-                if let Some(g) = &grammar {
-                    chain.push(
-                        LlamaSampler::grammar(&self.model, g, "root")
-                            .map_err(|e| LlmError::Inference(format!("tool grammar: {e}")))?,
-                    );
-                }
-            }
-            if temperature <= 0.0 {
-                chain.push(LlamaSampler::greedy());
-            } else {
-                chain.push(LlamaSampler::top_p(top_p.clamp(0.01, 1.0), 1));
-                chain.push(LlamaSampler::temp(temperature));
-                chain.push(LlamaSampler::dist(seed));
-            }
-            Ok(LlamaSampler::chain_simple(chain))
-        };
+            chain.push(LlamaSampler::top_p(top_p.clamp(0.01, 1.0), 1));
+            chain.push(LlamaSampler::temp(temperature));
+            chain.push(LlamaSampler::dist(seed));
+        }
+        let mut sampler = LlamaSampler::chain_simple(chain);
 
-        let forced = grammar.is_some() && request.tool_choice == ToolChoice::Required;
-        let mut constrained = forced;
-        let mut sampler = make_sampler(constrained)?;
         let mut decoder = encoding_rs::UTF_8.new_decoder();
         let mut piece = Vec::new();
-        let mut text = String::new();
-        // Leading whitespace is held back until we know whether this is a call.
-        let mut pending_ws = String::new();
-        let mut decided = constrained;
+        let mut out = Output::new(shape);
         let mut n_past = tokens.len();
         let mut logits_idx = batch.n_tokens() - 1;
         let mut generated = 0usize;
         let mut finish = FinishReason::Length;
 
         while generated < max_new {
-            let mut token = sampler.sample(&ctx, logits_idx);
-            if self.model.is_eog_token(token) {
+            // `sample` also accepts the token into the grammar (never accept twice).
+            let token = sampler.sample(&ctx, logits_idx);
+            if self.model.vocab().is_eog(token) {
                 finish = FinishReason::Stop;
                 break;
             }
@@ -418,44 +408,14 @@ impl Inner {
             self.model
                 .vocab()
                 .token_to_piece_into(token, &mut piece, false, None);
-            if !decided {
-                let piece_text = String::from_utf8_lossy(&piece);
-                let trimmed = piece_text.trim_start();
-                if trimmed.is_empty() {
-                    // Whitespace only: undecided still.
-                } else if trimmed.starts_with('{') && grammar.is_some() {
-                    // A tool call begins: resample this position under the grammar.
-                    constrained = true;
-                    decided = true;
-                    pending_ws.clear();
-                    sampler = make_sampler(true)?;
-                    token = sampler.sample(&ctx, logits_idx);
-                    piece.clear();
-                    self.model
-                        .vocab()
-                        .token_to_piece_into(token, &mut piece, false, None);
-                    if self.model.is_eog_token(token) {
-                        finish = FinishReason::Stop;
-                        break;
-                    }
-                } else {
-                    decided = true;
-                }
-            }
             let mut chunk = String::with_capacity(piece.len() + 4);
             let _ = decoder.decode_to_string(&piece, &mut chunk, false);
             generated += 1;
-            if constrained {
-                text.push_str(&chunk);
-            } else if !decided {
-                pending_ws.push_str(&chunk);
-            } else {
-                let mut out = std::mem::take(&mut pending_ws);
-                out.push_str(&chunk);
-                text.push_str(&out);
-                if !out.is_empty() && tx.blocking_send(Ok(LlmEvent::TextDelta(out))).is_err() {
-                    return Ok(()); // receiver gone: cancelled
-                }
+            if let Some(text) = out.push(&chunk)
+                && !text.is_empty()
+                && tx.blocking_send(Ok(LlmEvent::TextDelta(text))).is_err()
+            {
+                return Ok(()); // receiver gone: cancelled
             }
             if tx.is_closed() {
                 return Ok(());
@@ -477,8 +437,8 @@ impl Inner {
             prompt_tokens: tokens.len() as u64,
             completion_tokens: generated as u64,
         };
-        if constrained {
-            let calls = parse_calls(&text);
+        let calls = out.finish();
+        if !calls.is_empty() {
             for (index, (name, arguments)) in calls.into_iter().enumerate() {
                 let _ = tx.blocking_send(Ok(LlmEvent::ToolCallDelta {
                     index,
@@ -494,19 +454,155 @@ impl Inner {
     }
 }
 
-trait EogCheck {
-    fn is_eog_token(&self, token: LlamaToken) -> bool;
-}
-
-impl EogCheck for LlamaModel {
-    fn is_eog_token(&self, token: LlamaToken) -> bool {
-        self.vocab().is_eog(token)
+/// The grammar shape a request calls for, if any.
+fn shape_for(request: &ChatRequest) -> Option<GrammarShape> {
+    if request.tools.is_empty() {
+        return None;
+    }
+    match request.tool_choice {
+        ToolChoice::None => None,
+        ToolChoice::Required => Some(GrammarShape::Calls),
+        ToolChoice::Auto => Some(GrammarShape::Envelope),
     }
 }
 
-/// The instructions that teach a model the call format the grammar enforces.
-pub fn tool_instructions(tools: &[ToolDefinition]) -> String {
-    let mut s = String::from("You can use these tools:\n");
+/// Turns generated text into text deltas and tool calls, per grammar shape.
+struct Output {
+    shape: Option<GrammarShape>,
+    raw: String,
+    /// Envelope: Some(true) = a call, Some(false) = a response, None = undecided.
+    is_call: Option<bool>,
+    /// Envelope response: bytes of `raw` already turned into text.
+    consumed: usize,
+    string_done: bool,
+}
+
+const CALL_PREFIX: &str = "{\"tool_call\": ";
+const RESPONSE_PREFIX: &str = "{\"response\": \"";
+
+impl Output {
+    fn new(shape: Option<GrammarShape>) -> Self {
+        Self {
+            shape,
+            raw: String::new(),
+            is_call: None,
+            consumed: 0,
+            string_done: false,
+        }
+    }
+
+    /// Adds generated text; returns user-visible text, if any.
+    fn push(&mut self, chunk: &str) -> Option<String> {
+        match self.shape {
+            None => Some(chunk.to_owned()),
+            Some(GrammarShape::Calls) => {
+                self.raw.push_str(chunk);
+                None
+            }
+            Some(GrammarShape::Envelope) => {
+                self.raw.push_str(chunk);
+                if self.is_call.is_none() {
+                    if self.raw.starts_with(CALL_PREFIX) {
+                        self.is_call = Some(true);
+                    } else if self.raw.starts_with(RESPONSE_PREFIX) {
+                        self.is_call = Some(false);
+                        self.consumed = RESPONSE_PREFIX.len();
+                    }
+                }
+                if self.is_call == Some(false) && !self.string_done {
+                    let (text, used, done) = unescape_json_prefix(&self.raw[self.consumed..]);
+                    self.consumed += used;
+                    self.string_done = done;
+                    return Some(text);
+                }
+                None
+            }
+        }
+    }
+
+    /// The tool calls in the output (empty for a text reply).
+    fn finish(self) -> Vec<(String, String)> {
+        match self.shape {
+            None => Vec::new(),
+            Some(GrammarShape::Calls) => parse_calls(&self.raw),
+            Some(GrammarShape::Envelope) => match self.is_call {
+                Some(false) => Vec::new(),
+                Some(true) => {
+                    let inner = self.raw[CALL_PREFIX.len()..].trim_end();
+                    let inner = inner.strip_suffix('}').unwrap_or(inner);
+                    parse_calls(inner)
+                }
+                // Cut off before deciding: report the raw text as a broken call.
+                None => vec![(String::new(), self.raw.trim().to_owned())],
+            },
+        }
+    }
+}
+
+/// Decodes the longest complete prefix of a JSON string body: returns the
+/// text, the bytes consumed, and whether the closing quote was reached.
+fn unescape_json_prefix(s: &str) -> (String, usize, bool) {
+    let mut out = String::new();
+    let mut chars = s.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return (out, i + 1, true),
+            '\\' => {
+                let Some(&(_, e)) = chars.peek() else {
+                    return (out, i, false);
+                };
+                let decoded = match e {
+                    'n' => Some('\n'),
+                    't' => Some('\t'),
+                    'r' => Some('\r'),
+                    'b' => Some('\u{8}'),
+                    'f' => Some('\u{c}'),
+                    '/' => Some('/'),
+                    '"' => Some('"'),
+                    '\\' => Some('\\'),
+                    'u' => None,
+                    other => Some(other),
+                };
+                match decoded {
+                    Some(d) => {
+                        chars.next();
+                        out.push(d);
+                    }
+                    None => {
+                        // \uXXXX: need 4 hex digits after the 'u'.
+                        let hex = s.get(i + 2..i + 6);
+                        match hex.and_then(|h| u32::from_str_radix(h, 16).ok()) {
+                            Some(code) => {
+                                out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
+                                for _ in 0..5 {
+                                    chars.next();
+                                }
+                            }
+                            None => return (out, i, false),
+                        }
+                    }
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    (out, s.len(), false)
+}
+
+/// The instructions that teach a model the reply format its grammar enforces.
+pub fn tool_instructions(tools: &[ToolDefinition], shape: GrammarShape) -> String {
+    let mut s = match shape {
+        GrammarShape::Envelope => String::from(
+            "Reply with JSON only.\n\
+             To use a tool: {\"tool_call\": {\"name\": \"<tool name>\", \"arguments\": {<arguments>}}}\n\
+             To answer the user: {\"response\": \"<your answer>\"}\n\
+             A tool's result comes back in the next message.\n\nTools:\n",
+        ),
+        GrammarShape::Calls => String::from(
+            "Call one or more tools. Reply with one JSON object per line:\n\
+             {\"name\": \"<tool name>\", \"arguments\": {<arguments>}}\n\nTools:\n",
+        ),
+    };
     for t in tools {
         s.push_str(&format!(
             "- {}: {} Arguments: {}\n",
@@ -515,34 +611,46 @@ pub fn tool_instructions(tools: &[ToolDefinition]) -> String {
             serde_json::to_string(&t.parameters).unwrap_or_default()
         ));
     }
-    if let Some(example) = tools.first() {
-        s.push_str(&format!(
-            "To use a tool, reply with only a JSON object, for example:\n\
-             {{\"name\": \"{}\", \"arguments\": {{...}}}}\n\
-             You will then receive the tool's result. If no tool is needed, reply in plain text.",
-            example.name
-        ));
-    }
     s
 }
 
-fn render_assistant(msg: &ChatMessage) -> String {
-    let mut out = msg.content.clone();
-    for call in &msg.tool_calls {
-        if !out.is_empty() {
-            out.push('\n');
-        }
-        let args = if call.arguments.trim().is_empty() {
-            "{}"
-        } else {
-            call.arguments.as_str()
-        };
-        out.push_str(&format!(
+fn render_assistant(msg: &ChatMessage, shape: Option<GrammarShape>) -> String {
+    let call_json = |name: &str, args: &str| {
+        let args = if args.trim().is_empty() { "{}" } else { args };
+        format!(
             "{{\"name\": {}, \"arguments\": {args}}}",
-            serde_json::to_string(&call.name).unwrap_or_default()
-        ));
+            serde_json::to_string(name).unwrap_or_default()
+        )
+    };
+    match shape {
+        Some(GrammarShape::Envelope) => {
+            // The model sees its past turns in the format it must use now.
+            let mut parts = Vec::new();
+            if !msg.content.is_empty() || msg.tool_calls.is_empty() {
+                parts.push(format!(
+                    "{{\"response\": {}}}",
+                    serde_json::to_string(&msg.content).unwrap_or_default()
+                ));
+            }
+            for call in &msg.tool_calls {
+                parts.push(format!(
+                    "{{\"tool_call\": {}}}",
+                    call_json(&call.name, &call.arguments)
+                ));
+            }
+            parts.join("\n")
+        }
+        Some(GrammarShape::Calls) | None => {
+            let mut out = msg.content.clone();
+            for call in &msg.tool_calls {
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+                out.push_str(&call_json(&call.name, &call.arguments));
+            }
+            out
+        }
     }
-    out
 }
 
 /// Splits grammar-constrained output into `(name, arguments JSON)` pairs.
@@ -594,6 +702,31 @@ mod tests {
                 ("a".to_owned(), "{\"x\":1}".to_owned()),
                 ("b".to_owned(), "{}".to_owned())
             ]
+        );
+    }
+
+    #[test]
+    fn envelope_response_streams_unescaped_text() {
+        let mut out = Output::new(Some(GrammarShape::Envelope));
+        let mut shown = String::new();
+        for piece in ["{\"", "response", "\": \"", "Hi \\", "\"you\\", "u00e9\\n", "!\"", "}"] {
+            if let Some(t) = out.push(piece) {
+                shown.push_str(&t);
+            }
+        }
+        assert_eq!(shown, "Hi \"you\"é\n!".replace("\"you\"é", "\"youé"));
+        assert!(out.finish().is_empty());
+    }
+
+    #[test]
+    fn envelope_call_is_parsed() {
+        let mut out = Output::new(Some(GrammarShape::Envelope));
+        for piece in ["{\"tool_call\": {\"name\": \"system.run\", ", "\"arguments\": {\"command\": \"ls\"}}}"] {
+            assert_eq!(out.push(piece), None);
+        }
+        assert_eq!(
+            out.finish(),
+            vec![("system.run".to_owned(), "{\"command\":\"ls\"}".to_owned())]
         );
     }
 

@@ -2,7 +2,7 @@
 //! llama.cpp's server, Ollama, OpenRouter...) through `async-openai`.
 //!
 //! Every request streams (SSE) and uses native tool calling. Chunks become
-//! [`LlmEvent`]s: text deltas, tool-call deltas (id and name once, arguments in
+//! [`LlmEvent`](crate::LlmEvent)s: text deltas, tool-call deltas (id and name once, arguments in
 //! fragments) and a final `Done` with the usage the server reports.
 //!
 //! Failures before the first chunk is handed out (HTTP 408/409/429/5xx,
@@ -14,7 +14,8 @@
 //!
 //! This module never reads the environment; the caller fills in the api key.
 
-use std::collections::VecDeque;
+mod wire;
+
 use std::fmt;
 use std::time::Duration;
 
@@ -22,33 +23,19 @@ use async_openai::Client;
 use async_openai::config::Config;
 use async_openai::error::{OpenAIError, WrappedError};
 use async_openai::middleware::HttpRequestFactory;
-use async_openai::types::chat::{
-    ChatCompletionMessageToolCall, ChatCompletionMessageToolCalls,
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent,
-    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
-    ChatCompletionRequestSystemMessageContent, ChatCompletionRequestToolMessage,
-    ChatCompletionRequestToolMessageContent, ChatCompletionRequestUserMessage,
-    ChatCompletionRequestUserMessageContent, ChatCompletionResponseStream,
-    ChatCompletionStreamOptions, ChatCompletionTool, ChatCompletionToolChoiceOption,
-    ChatCompletionTools, CreateChatCompletionRequest, CreateChatCompletionStreamResponse,
-    FinishReason as WireFinish, FunctionCall, FunctionObject, ToolChoiceOptions,
-};
+use async_openai::types::chat::CreateChatCompletionRequest;
 use async_trait::async_trait;
 use futures::StreamExt;
-use openpista_proto::{ChatMessage, Role, Usage};
 use rand::Rng;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::{ChatRequest, FinishReason, LlmError, LlmEvent, LlmProvider, LlmStream, ToolChoice};
+use crate::{ChatRequest, LlmError, LlmProvider, LlmStream};
+use wire::{Opened, Peeked, build_request, events, stream_error};
 
 /// The official endpoint, the default `base_url`.
 pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
-
-/// Highest tool-call index accepted from a server; a larger one is a broken
-/// reply (and would make the assembler allocate without bound).
-const MAX_TOOL_CALLS: usize = 256;
 
 /// Longest provider error text kept in an error message, in characters.
 const MAX_ERROR_TEXT: usize = 500;
@@ -149,9 +136,12 @@ impl OpenAiProvider {
         }
         let mut headers = HeaderMap::new();
         if let Some(key) = &api_key {
-            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.trim())).map_err(|_| {
-                LlmError::Config("api key contains characters not allowed in an HTTP header".to_owned())
-            })?;
+            let mut value =
+                HeaderValue::from_str(&format!("Bearer {}", key.trim())).map_err(|_| {
+                    LlmError::Config(
+                        "api key contains characters not allowed in an HTTP header".to_owned(),
+                    )
+                })?;
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
@@ -208,7 +198,8 @@ impl OpenAiProvider {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let result = tokio::time::timeout(self.request_timeout, self.attempt(body.clone())).await;
+            let result =
+                tokio::time::timeout(self.request_timeout, self.attempt(body.clone())).await;
             let (message, retry_after) = match result {
                 Ok(Ok((first, rest))) => {
                     return Ok(Opened {
@@ -225,7 +216,10 @@ impl OpenAiProvider {
                     } => (message, retry_after),
                 },
                 Err(_elapsed) => (
-                    format!("no reply within {}s", self.request_timeout.as_secs()),
+                    format!(
+                        "timed out: no reply within {}s",
+                        self.request_timeout.as_secs()
+                    ),
                     None,
                 ),
             };
@@ -259,7 +253,9 @@ impl OpenAiProvider {
 
     fn redact(&self, message: String) -> String {
         match &self.api_key {
-            Some(key) if message.contains(key.as_str()) => message.replace(key.as_str(), "<redacted>"),
+            Some(key) if message.contains(key.as_str()) => {
+                message.replace(key.as_str(), "<redacted>")
+            }
             _ => message,
         }
     }
@@ -289,98 +285,6 @@ impl LlmProvider for OpenAiProvider {
 
     fn context_window(&self) -> Option<usize> {
         self.context_window
-    }
-}
-
-/// The request body for `request`.
-fn build_request(model: &str, request: &ChatRequest) -> CreateChatCompletionRequest {
-    let messages = request.messages.iter().map(wire_message).collect();
-    let (tools, tool_choice) = if request.tools.is_empty() {
-        // OpenAI rejects `tool_choice` without `tools`.
-        (None, None)
-    } else {
-        let tools = request
-            .tools
-            .iter()
-            .map(|t| {
-                ChatCompletionTools::Function(ChatCompletionTool {
-                    function: FunctionObject {
-                        name: t.name.clone(),
-                        description: Some(t.description.clone()).filter(|d| !d.is_empty()),
-                        parameters: Some(t.parameters.clone()),
-                        strict: None,
-                    },
-                })
-            })
-            .collect();
-        let mode = match request.tool_choice {
-            ToolChoice::Auto => ToolChoiceOptions::Auto,
-            ToolChoice::Required => ToolChoiceOptions::Required,
-            ToolChoice::None => ToolChoiceOptions::None,
-        };
-        (Some(tools), Some(ChatCompletionToolChoiceOption::Mode(mode)))
-    };
-    let sampling = &request.sampling;
-    CreateChatCompletionRequest {
-        model: model.to_owned(),
-        messages,
-        tools,
-        tool_choice,
-        temperature: sampling.temperature,
-        top_p: sampling.top_p,
-        seed: sampling.seed.map(i64::from),
-        max_completion_tokens: sampling.max_tokens,
-        stream: Some(true),
-        stream_options: Some(ChatCompletionStreamOptions {
-            include_usage: Some(true),
-            include_obfuscation: None,
-        }),
-        ..Default::default()
-    }
-}
-
-/// One history message on the wire. Tool-call arguments go out verbatim,
-/// valid JSON or not, so the history replays exactly.
-fn wire_message(m: &ChatMessage) -> ChatCompletionRequestMessage {
-    match m.role {
-        Role::System => ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
-            content: ChatCompletionRequestSystemMessageContent::Text(m.content.clone()),
-            name: None,
-        }),
-        Role::User => ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
-            content: ChatCompletionRequestUserMessageContent::Text(m.content.clone()),
-            name: None,
-        }),
-        Role::Assistant => {
-            let tool_calls: Vec<_> = m
-                .tool_calls
-                .iter()
-                .map(|c| {
-                    ChatCompletionMessageToolCalls::Function(ChatCompletionMessageToolCall {
-                        id: c.id.clone(),
-                        function: FunctionCall {
-                            name: c.name.clone(),
-                            arguments: c.arguments.clone(),
-                        },
-                    })
-                })
-                .collect();
-            // A message with only tool calls has `content: null` on the wire.
-            let content = if m.content.is_empty() && !tool_calls.is_empty() {
-                None
-            } else {
-                Some(ChatCompletionRequestAssistantMessageContent::Text(m.content.clone()))
-            };
-            ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
-                content,
-                tool_calls: Some(tool_calls).filter(|c| !c.is_empty()),
-                ..Default::default()
-            })
-        }
-        Role::Tool => ChatCompletionRequestMessage::Tool(ChatCompletionRequestToolMessage {
-            content: ChatCompletionRequestToolMessageContent::Text(m.content.clone()),
-            tool_call_id: m.tool_call_id.clone().unwrap_or_default(),
-        }),
     }
 }
 
@@ -425,7 +329,9 @@ async fn send(
     if response.status().is_success() {
         Ok(response)
     } else {
-        Err(OpenAIError::Boxed(Box::new(HttpFailure::read(response).await)))
+        Err(OpenAIError::Boxed(Box::new(
+            HttpFailure::read(response).await,
+        )))
     }
 }
 
@@ -483,19 +389,23 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// The provider's explanation from an error body: OpenAI's
 /// `{"error":{"message":..}}`, a few common variants, or the raw text.
 fn error_text(body: &[u8]) -> String {
+    provider_error(body).unwrap_or_else(|| truncate(String::from_utf8_lossy(body).trim()))
+}
+
+/// The message of an error object (`{"error":{"message":..}}` and variants),
+/// if `body` is one.
+fn provider_error(body: &[u8]) -> Option<String> {
     if let Ok(wrapped) = serde_json::from_slice::<WrappedError>(body) {
-        return truncate(&wrapped.error.to_string());
+        return Some(truncate(&wrapped.error.to_string()));
     }
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
-        let text = value["error"]
-            .as_str()
-            .or_else(|| value["message"].as_str())
-            .or_else(|| value["detail"].as_str());
-        if let Some(text) = text {
-            return truncate(text);
-        }
-    }
-    truncate(String::from_utf8_lossy(body).trim())
+    // Servers other than OpenAI's: numeric codes, plain strings, FastAPI's `detail`.
+    let value = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let text = value["error"]["message"]
+        .as_str()
+        .or_else(|| value["error"].as_str())
+        .or_else(|| value["message"].as_str())
+        .or_else(|| value["detail"].as_str())?;
+    Some(truncate(text))
 }
 
 fn truncate(text: &str) -> String {
@@ -535,8 +445,12 @@ fn classify(err: OpenAIError) -> Failure {
             Ok(f) => by_status(f.status, f.message, f.retry_after),
             Err(other) => Failure::Fatal(LlmError::Protocol(other.to_string())),
         },
-        OpenAIError::ApiError(e) => by_status(e.status_code.as_u16(), e.api_error.to_string(), None),
-        OpenAIError::Reqwest(e) if e.is_builder() => Failure::Fatal(LlmError::Config(e.to_string())),
+        OpenAIError::ApiError(e) => {
+            by_status(e.status_code.as_u16(), e.api_error.to_string(), None)
+        }
+        OpenAIError::Reqwest(e) if e.is_builder() => {
+            Failure::Fatal(LlmError::Config(e.to_string()))
+        }
         OpenAIError::Reqwest(e) => Failure::Retryable {
             message: describe(&e),
             retry_after: None,
@@ -567,31 +481,6 @@ fn describe(err: &reqwest::Error) -> String {
     text
 }
 
-/// An error met after the stream was handed out: not retried.
-fn stream_error(err: OpenAIError, attempts: u32) -> LlmError {
-    match err {
-        OpenAIError::JSONDeserialize(e, content) => {
-            // Some servers report failures mid-stream as `data: {"error":..}`.
-            match serde_json::from_str::<WrappedError>(&content) {
-                Ok(wrapped) => LlmError::Unavailable {
-                    attempts,
-                    message: format!("error in stream: {}", truncate(&wrapped.error.to_string())),
-                },
-                Err(_) => LlmError::Protocol(format!("bad chunk ({e}): {}", truncate(&content))),
-            }
-        }
-        OpenAIError::StreamError(e) => LlmError::Unavailable {
-            attempts,
-            message: format!("stream interrupted: {e}"),
-        },
-        OpenAIError::Reqwest(e) => LlmError::Unavailable {
-            attempts,
-            message: format!("stream interrupted: {}", describe(&e)),
-        },
-        other => LlmError::Protocol(other.to_string()),
-    }
-}
-
 /// Exponential backoff with "equal jitter": half the step is fixed, half random.
 #[derive(Debug, Clone, Copy)]
 struct RetryPolicy {
@@ -610,155 +499,15 @@ impl RetryPolicy {
         let factor = 2u32.saturating_pow(retry.saturating_sub(1));
         let step = self.initial.saturating_mul(factor).min(self.max);
         let half = step / 2;
-        let jitter_ms = rand::rng().random_range(0..=u64::try_from(half.as_millis()).unwrap_or(u64::MAX));
+        let jitter_ms =
+            rand::rng().random_range(0..=u64::try_from(half.as_millis()).unwrap_or(u64::MAX));
         half + Duration::from_millis(jitter_ms)
-    }
-}
-
-type Peeked = (
-    Option<Result<CreateChatCompletionStreamResponse, OpenAIError>>,
-    ChatCompletionResponseStream,
-);
-
-/// A stream that produced its first item.
-struct Opened {
-    first: Option<Result<CreateChatCompletionStreamResponse, OpenAIError>>,
-    rest: ChatCompletionResponseStream,
-    attempts: u32,
-}
-
-/// Turns the chunk stream into [`LlmEvent`]s.
-fn events(opened: Opened) -> LlmStream {
-    let upstream = futures::stream::iter(opened.first).chain(opened.rest);
-    let decoder = Decoder::new(opened.attempts);
-    Box::pin(futures::stream::unfold(
-        (upstream, decoder),
-        |(mut upstream, mut decoder)| async move {
-            loop {
-                if let Some(item) = decoder.pending.pop_front() {
-                    return Some((item, (upstream, decoder)));
-                }
-                if decoder.finished {
-                    return None;
-                }
-                match upstream.next().await {
-                    Some(Ok(chunk)) => decoder.chunk(chunk),
-                    Some(Err(e)) => decoder.fail(stream_error(e, decoder.attempts)),
-                    None => decoder.end(),
-                }
-            }
-        },
-    ))
-}
-
-/// Chunk-to-event state: what is queued, what the reply said so far.
-struct Decoder {
-    pending: VecDeque<Result<LlmEvent, LlmError>>,
-    attempts: u32,
-    usage: Usage,
-    finish: Option<FinishReason>,
-    /// Last name sent per tool-call index, to drop names a server repeats in
-    /// every chunk (the assembler would concatenate them).
-    names: Vec<Option<String>>,
-    finished: bool,
-}
-
-impl Decoder {
-    fn new(attempts: u32) -> Self {
-        Self {
-            pending: VecDeque::new(),
-            attempts,
-            usage: Usage::default(),
-            finish: None,
-            names: Vec::new(),
-            finished: false,
-        }
-    }
-
-    fn chunk(&mut self, chunk: CreateChatCompletionStreamResponse) {
-        if let Some(u) = chunk.usage {
-            self.usage = Usage {
-                prompt_tokens: u64::from(u.prompt_tokens),
-                completion_tokens: u64::from(u.completion_tokens),
-            };
-        }
-        // We never ask for n > 1; other choices are ignored.
-        for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
-            let delta = choice.delta;
-            for text in [delta.content, delta.refusal].into_iter().flatten() {
-                if !text.is_empty() {
-                    self.pending.push_back(Ok(LlmEvent::TextDelta(text)));
-                }
-            }
-            for call in delta.tool_calls.unwrap_or_default() {
-                let index = usize::try_from(call.index).unwrap_or(usize::MAX);
-                if index >= MAX_TOOL_CALLS {
-                    return self.fail(LlmError::Protocol(format!(
-                        "tool call index {} out of range",
-                        call.index
-                    )));
-                }
-                let (name, arguments) = match call.function {
-                    Some(f) => (f.name, f.arguments.unwrap_or_default()),
-                    None => (None, String::new()),
-                };
-                let id = call.id.filter(|id| !id.is_empty());
-                let name = name.filter(|n| !n.is_empty() && !self.repeats_name(index, n));
-                if id.is_none() && name.is_none() && arguments.is_empty() {
-                    continue;
-                }
-                self.pending.push_back(Ok(LlmEvent::ToolCallDelta {
-                    index,
-                    id,
-                    name,
-                    arguments,
-                }));
-            }
-            if let Some(reason) = choice.finish_reason {
-                self.finish = Some(match reason {
-                    WireFinish::Stop | WireFinish::ContentFilter => FinishReason::Stop,
-                    WireFinish::Length => FinishReason::Length,
-                    WireFinish::ToolCalls | WireFinish::FunctionCall => FinishReason::ToolCalls,
-                });
-            }
-        }
-    }
-
-    /// True if `name` is what index `index` was already called; records it otherwise.
-    fn repeats_name(&mut self, index: usize, name: &str) -> bool {
-        if self.names.len() <= index {
-            self.names.resize(index + 1, None);
-        }
-        if self.names[index].as_deref() == Some(name) {
-            return true;
-        }
-        self.names[index] = Some(name.to_owned());
-        false
-    }
-
-    fn end(&mut self) {
-        match self.finish {
-            Some(finish) => self.pending.push_back(Ok(LlmEvent::Done {
-                usage: self.usage,
-                finish,
-            })),
-            None => self.pending.push_back(Err(LlmError::Protocol(
-                "stream ended before the reply was complete (no finish_reason)".to_owned(),
-            ))),
-        }
-        self.finished = true;
-    }
-
-    fn fail(&mut self, err: LlmError) {
-        self.pending.push_back(Err(err));
-        self.finished = true;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openpista_proto::{ToolCall, ToolDefinition};
 
     #[test]
     fn backoff_grows_with_jitter_and_honours_retry_after() {
@@ -769,14 +518,29 @@ mod tests {
         };
         for _ in 0..50 {
             let d1 = p.delay(1, None);
-            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
+            assert!(
+                d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100),
+                "{d1:?}"
+            );
             let d3 = p.delay(3, None);
-            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
+            assert!(
+                d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400),
+                "{d3:?}"
+            );
             let d9 = p.delay(9, None);
-            assert!(d9 >= Duration::from_millis(500) && d9 <= Duration::from_millis(1000), "{d9:?}");
+            assert!(
+                d9 >= Duration::from_millis(500) && d9 <= Duration::from_millis(1000),
+                "{d9:?}"
+            );
         }
-        assert_eq!(p.delay(1, Some(Duration::from_millis(700))), Duration::from_millis(700));
-        assert_eq!(p.delay(1, Some(Duration::from_secs(60))), Duration::from_millis(1000));
+        assert_eq!(
+            p.delay(1, Some(Duration::from_millis(700))),
+            Duration::from_millis(700)
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(60))),
+            Duration::from_millis(1000)
+        );
         assert!(p.delay(u32::MAX, None) <= Duration::from_millis(1000));
     }
 
@@ -789,7 +553,10 @@ mod tests {
         h.insert("retry-after-ms", HeaderValue::from_static("250"));
         assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
         h.remove("retry-after-ms");
-        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), None);
         h.insert(RETRY_AFTER, HeaderValue::from_static("-1"));
         assert_eq!(retry_after(&h), None);
@@ -799,91 +566,11 @@ mod tests {
     fn error_text_prefers_the_provider_message() {
         let body = br#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
         assert!(error_text(body).contains("Incorrect API key provided"));
-        assert_eq!(error_text(br#"{"error":"model not found"}"#), "model not found");
+        assert_eq!(
+            error_text(br#"{"error":"model not found"}"#),
+            "model not found"
+        );
         assert_eq!(error_text(b"  upstream down \n"), "upstream down");
         assert!(error_text(&[b'x'; 2000]).chars().count() <= MAX_ERROR_TEXT + 1);
-    }
-
-    #[test]
-    fn history_maps_to_wire_roles() {
-        let request = ChatRequest {
-            messages: vec![
-                ChatMessage::system("be brief"),
-                ChatMessage::user("list files"),
-                ChatMessage::assistant(
-                    "",
-                    vec![ToolCall {
-                        id: "c1".into(),
-                        name: "system.run".into(),
-                        arguments: "{\"cmd\":".into(),
-                    }],
-                ),
-                ChatMessage::tool_result("c1", "system.run", "error: bad arguments"),
-            ],
-            tools: vec![ToolDefinition {
-                name: "system.run".into(),
-                description: "run".into(),
-                parameters: serde_json::json!({"type": "object"}),
-            }],
-            tool_choice: ToolChoice::Required,
-            ..Default::default()
-        };
-        let wire = serde_json::to_value(build_request("m", &request)).unwrap();
-        let roles: Vec<_> = wire["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["role"].as_str().unwrap())
-            .collect();
-        assert_eq!(roles, ["system", "user", "assistant", "tool"]);
-        assert!(wire["messages"][2].get("content").is_none());
-        assert_eq!(wire["messages"][2]["tool_calls"][0]["type"], "function");
-        assert_eq!(wire["messages"][2]["tool_calls"][0]["function"]["arguments"], "{\"cmd\":");
-        assert_eq!(wire["messages"][3]["tool_call_id"], "c1");
-        assert_eq!(wire["tools"][0]["type"], "function");
-        assert_eq!(wire["tools"][0]["function"]["name"], "system.run");
-        assert_eq!(wire["tool_choice"], "required");
-        assert_eq!(wire["stream"], true);
-        assert_eq!(wire["stream_options"]["include_usage"], true);
-    }
-
-    #[test]
-    fn no_tools_means_no_tool_choice() {
-        let request = ChatRequest {
-            messages: vec![ChatMessage::user("hi")],
-            tool_choice: ToolChoice::Required,
-            ..Default::default()
-        };
-        let wire = serde_json::to_value(build_request("m", &request)).unwrap();
-        assert!(wire.get("tools").is_none());
-        assert!(wire.get("tool_choice").is_none());
-    }
-
-    #[test]
-    fn decoder_drops_repeated_names_and_rejects_absurd_indexes() {
-        let chunk = |v: serde_json::Value| -> CreateChatCompletionStreamResponse {
-            serde_json::from_value(serde_json::json!({
-                "id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                "choices": [{"index": 0, "delta": v, "finish_reason": null}]
-            }))
-            .unwrap()
-        };
-        let mut d = Decoder::new(1);
-        let call = |args: &str| serde_json::json!({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": args}}]});
-        d.chunk(chunk(call("{")));
-        d.chunk(chunk(call("}")));
-        let names: Vec<_> = d
-            .pending
-            .drain(..)
-            .map(|e| match e {
-                Ok(LlmEvent::ToolCallDelta { name, .. }) => name,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(names, [Some("f".to_owned()), None]);
-
-        d.chunk(chunk(serde_json::json!({"tool_calls": [{"index": 4000000000u32, "function": {"arguments": "x"}}]})));
-        assert!(matches!(d.pending.pop_front(), Some(Err(LlmError::Protocol(_)))));
-        assert!(d.finished);
     }
 }

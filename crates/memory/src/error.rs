@@ -216,7 +216,11 @@ impl ErrorContext {
 }
 
 /// A [`MemoryError::CorruptRow`] for `table`, row `key`.
-pub(crate) fn corrupt(table: &'static str, key: impl ToString, reason: impl ToString) -> MemoryError {
+pub(crate) fn corrupt(
+    table: &'static str,
+    key: impl ToString,
+    reason: impl ToString,
+) -> MemoryError {
     MemoryError::CorruptRow {
         table,
         key: key.to_string(),

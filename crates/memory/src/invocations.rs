@@ -37,11 +37,12 @@ impl Store {
     pub async fn record_tool_invocation(&self, inv: &ToolInvocation) -> Result<i64, MemoryError> {
         let duration_ms = to_i64("duration_ms", inv.duration_ms)?;
         let mut tx = self.begin_write().await?;
-        let session_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = ?)")
-            .bind(inv.session_id.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| self.sql(e))?;
+        let session_exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = ?)")
+                .bind(inv.session_id.as_str())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| self.sql(e))?;
         if !session_exists {
             return Err(MemoryError::SessionNotFound(inv.session_id.clone()));
         }

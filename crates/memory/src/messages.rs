@@ -65,12 +65,13 @@ impl Store {
 
         let now = now_millis();
         let mut tx = self.begin_write().await?;
-        let touched = sqlx::query("UPDATE sessions SET updated_at = MAX(updated_at, ?) WHERE id = ?")
-            .bind(now)
-            .bind(session_id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.sql(e))?;
+        let touched =
+            sqlx::query("UPDATE sessions SET updated_at = MAX(updated_at, ?) WHERE id = ?")
+                .bind(now)
+                .bind(session_id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.sql(e))?;
         if touched.rows_affected() == 0 {
             return Err(MemoryError::SessionNotFound(session_id.clone()));
         }
@@ -182,13 +183,18 @@ fn decode_message(row: &SqliteRow) -> Result<StoredMessage, MemoryError> {
     const T: &str = "messages";
     let id: i64 = col(row, "id", T, &"?")?;
     let role_raw: String = col(row, "role", T, &id)?;
-    let role =
-        Role::parse(&role_raw).ok_or_else(|| corrupt(T, id, format!("unknown role {role_raw:?}")))?;
+    let role = Role::parse(&role_raw)
+        .ok_or_else(|| corrupt(T, id, format!("unknown role {role_raw:?}")))?;
     let tool_calls_raw: Option<String> = col(row, "tool_calls", T, &id)?;
     let tool_calls = match tool_calls_raw {
         None => Vec::new(),
-        Some(text) => serde_json::from_str::<Vec<ToolCall>>(&text)
-            .map_err(|e| corrupt(T, id, format!("tool_calls is not a list of tool calls: {e}")))?,
+        Some(text) => serde_json::from_str::<Vec<ToolCall>>(&text).map_err(|e| {
+            corrupt(
+                T,
+                id,
+                format!("tool_calls is not a list of tool calls: {e}"),
+            )
+        })?,
     };
     let prompt: Option<i64> = col(row, "prompt_tokens", T, &id)?;
     let completion: Option<i64> = col(row, "completion_tokens", T, &id)?;

@@ -257,4 +257,3 @@ where
     row.try_get(name)
         .map_err(|e| corrupt(table, key, format!("column {name}: {e}")))
 }
-

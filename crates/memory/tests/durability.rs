@@ -24,7 +24,13 @@ fn sid(raw: &str) -> SessionId {
 
 fn run_child(mode: &str, db: &Path) -> Output {
     Command::new(std::env::current_exe().unwrap())
-        .args(["child_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "child_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(MODE_ENV, mode)
         .env(DB_ENV, db)
         .output()
@@ -129,7 +135,10 @@ async fn crash_mid_turn(db: &Path) {
     let mut conn = SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(db))
         .await
         .unwrap();
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     sqlx::query("UPDATE sessions SET updated_at = updated_at + 1 WHERE id = ?")
         .bind(id.as_str())
         .execute(&mut conn)
@@ -202,7 +211,11 @@ async fn a_crash_mid_turn_keeps_the_user_message_and_no_partial_reply() {
     let db = dir.path().join("memory.db");
     let out = run_child("crash-mid-turn", &db);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "the child should have aborted: {}", describe(&out));
+    assert!(
+        !out.status.success(),
+        "the child should have aborted: {}",
+        describe(&out)
+    );
     assert!(
         stdout.contains("user message acknowledged"),
         "{}",
@@ -242,14 +255,22 @@ async fn a_file_that_is_not_sqlite_is_reported_and_left_alone() {
         other => panic!("expected NotADatabase, got {other:?}"),
     }
     assert!(err.to_string().contains("notes.db"), "{err}");
-    assert_eq!(std::fs::read(&path).unwrap(), bytes, "file must be untouched");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "file must be untouched"
+    );
     assert!(!wal_path(&path).exists());
 }
 
 async fn raw(path: &Path) -> SqliteConnection {
-    SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(path).create_if_missing(true))
-        .await
-        .unwrap()
+    SqliteConnection::connect_with(
+        &SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -258,9 +279,18 @@ async fn opening_a_database_held_by_another_writer_reports_locked() {
     let path = dir.path().join("memory.db");
     // Another program's rollback-journal database, held in an EXCLUSIVE transaction.
     let mut other = raw(&path).await;
-    sqlx::query("CREATE TABLE notes (x)").execute(&mut other).await.unwrap();
-    sqlx::query("BEGIN EXCLUSIVE").execute(&mut other).await.unwrap();
-    sqlx::query("INSERT INTO notes VALUES (1)").execute(&mut other).await.unwrap();
+    sqlx::query("CREATE TABLE notes (x)")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO notes VALUES (1)")
+        .execute(&mut other)
+        .await
+        .unwrap();
 
     let options = StoreOptions::default().with_busy_timeout(Duration::from_millis(100));
     let started = Instant::now();
@@ -271,7 +301,10 @@ async fn opening_a_database_held_by_another_writer_reports_locked() {
         "expected Locked, got {err:?}"
     );
     assert!(err.to_string().contains("locked"), "{err}");
-    assert!(waited >= Duration::from_millis(100), "gave up after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(100),
+        "gave up after {waited:?}"
+    );
     assert!(waited < Duration::from_secs(4), "waited {waited:?}");
 
     // Once the other writer is done, opening works.
@@ -294,13 +327,19 @@ async fn writing_while_another_writer_holds_the_lock_reports_locked() {
         .unwrap();
 
     let mut other = raw(&path).await;
-    sqlx::query("BEGIN EXCLUSIVE").execute(&mut other).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut other)
+        .await
+        .unwrap();
 
     let err = store
         .append_message(&id, &ChatMessage::user("during"), None)
         .await
         .unwrap_err();
-    assert!(matches!(err, MemoryError::Locked { .. }), "expected Locked, got {err:?}");
+    assert!(
+        matches!(err, MemoryError::Locked { .. }),
+        "expected Locked, got {err:?}"
+    );
     assert!(matches!(
         store.create_session(&sid("new"), "cli", None).await,
         Err(MemoryError::Locked { .. })

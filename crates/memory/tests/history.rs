@@ -39,7 +39,10 @@ async fn a_turn_round_trips_with_tool_calls_and_usage() {
     let (_dir, store) = file_store().await;
     assert!(store.path().ends_with("nested/dir/memory.db"));
     let id = sid("cli:main");
-    store.create_session(&id, "cli", Some("first")).await.unwrap();
+    store
+        .create_session(&id, "cli", Some("first"))
+        .await
+        .unwrap();
 
     let user = ChatMessage::user("what is here?");
     let assistant = ChatMessage::assistant("let me look", vec![shell_call("call_1")]);
@@ -94,7 +97,10 @@ async fn recent_messages_are_the_newest_n_oldest_first() {
         ["m7", "m8", "m9"]
     );
     assert_eq!(store.recent_messages(&id, 100).await.unwrap().len(), 10);
-    assert_eq!(store.recent_messages(&id, usize::MAX).await.unwrap().len(), 10);
+    assert_eq!(
+        store.recent_messages(&id, usize::MAX).await.unwrap().len(),
+        10
+    );
     assert!(store.recent_messages(&id, 0).await.unwrap().is_empty());
     assert!(
         store
@@ -165,8 +171,13 @@ async fn duplicate_and_missing_sessions_are_reported() {
         completion_tokens: 0,
     };
     assert!(matches!(
-        store.append_message(&id, &ChatMessage::user("x"), Some(too_big)).await,
-        Err(MemoryError::OutOfRange { field: "prompt_tokens", .. })
+        store
+            .append_message(&id, &ChatMessage::user("x"), Some(too_big))
+            .await,
+        Err(MemoryError::OutOfRange {
+            field: "prompt_tokens",
+            ..
+        })
     ));
     assert_eq!(store.message_count(&id).await.unwrap(), 0);
     assert!(store.append_messages(&id, &[]).await.unwrap().is_empty());
@@ -219,7 +230,11 @@ async fn tool_invocations_round_trip_newest_n_oldest_first() {
     let id = sid("tools");
     store.ensure_session(&id, "cli").await.unwrap();
     let msg_id = store
-        .append_message(&id, &ChatMessage::assistant("", vec![shell_call("c0")]), None)
+        .append_message(
+            &id,
+            &ChatMessage::assistant("", vec![shell_call("c0")]),
+            None,
+        )
         .await
         .unwrap();
     let mut expected = Vec::new();
@@ -244,7 +259,9 @@ async fn tool_invocations_round_trip_newest_n_oldest_first() {
 
     let ghost = sid("ghost");
     assert!(matches!(
-        store.record_tool_invocation(&invocation(&ghost, None, "x")).await,
+        store
+            .record_tool_invocation(&invocation(&ghost, None, "x"))
+            .await,
         Err(MemoryError::SessionNotFound(_))
     ));
     let other = sid("other");
@@ -300,7 +317,11 @@ async fn malformed_stored_rows_are_errors_not_panics() {
     let id = sid("tampered");
     store.ensure_session(&id, "cli").await.unwrap();
     let msg_id = store
-        .append_message(&id, &ChatMessage::assistant("", vec![shell_call("c1")]), None)
+        .append_message(
+            &id,
+            &ChatMessage::assistant("", vec![shell_call("c1")]),
+            None,
+        )
         .await
         .unwrap();
     let mut conn = raw(&path).await;
@@ -341,16 +362,24 @@ async fn malformed_stored_rows_are_errors_not_panics() {
         .unwrap();
     assert!(matches!(
         store.recent_messages(&id, 10).await,
-        Err(MemoryError::CorruptRow { table: "messages", .. })
+        Err(MemoryError::CorruptRow {
+            table: "messages",
+            ..
+        })
     ));
 
     // An invalid session id in the sessions table.
-    sqlx::query("INSERT INTO sessions (id, channel, created_at, updated_at) VALUES ('a b', 'cli', 0, 0)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO sessions (id, channel, created_at, updated_at) VALUES ('a b', 'cli', 0, 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
     assert!(matches!(
         store.list_sessions(10).await,
-        Err(MemoryError::CorruptRow { table: "sessions", .. })
+        Err(MemoryError::CorruptRow {
+            table: "sessions",
+            ..
+        })
     ));
 }

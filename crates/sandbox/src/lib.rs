@@ -188,7 +188,10 @@ pub async fn run(spec: CommandSpec, cancel: CancellationToken) -> Result<RunOutp
     })?;
     let started = Instant::now();
     // The child leads its group, so its pid is the group id.
-    let mut group = child.id().and_then(|pid| i32::try_from(pid).ok()).map(GroupGuard::new);
+    let mut group = child
+        .id()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .map(GroupGuard::new);
 
     let stop_reading = CancellationToken::new();
     let mut tasks = Tasks {

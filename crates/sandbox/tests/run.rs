@@ -64,13 +64,19 @@ async fn timeout_kills_the_whole_group() {
     assert_eq!(out.signal, Some(libc::SIGKILL));
     assert!(started.elapsed() < Duration::from_secs(5));
     let pid = read_pid(&pidfile);
-    assert!(wait_gone(pid).await, "background sleep {pid} survived the run");
+    assert!(
+        wait_gone(pid).await,
+        "background sleep {pid} survived the run"
+    );
 }
 
 #[tokio::test]
 async fn sigterm_grace_lets_the_child_clean_up() {
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = sh("trap 'echo bye; exit 3' TERM; while :; do sleep 0.05; done", dir.path());
+    let mut spec = sh(
+        "trap 'echo bye; exit 3' TERM; while :; do sleep 0.05; done",
+        dir.path(),
+    );
     spec.timeout = Duration::from_millis(300);
     spec.term_grace = Duration::from_secs(2);
     let out = run(spec, CancellationToken::new()).await.unwrap();
@@ -95,7 +101,10 @@ async fn cancel_stops_the_run_and_the_group() {
     assert!(!out.timed_out);
     assert!(started.elapsed() < Duration::from_secs(5));
     let pid = read_pid(&dir.path().join("pid"));
-    assert!(wait_gone(pid).await, "background sleep {pid} survived cancel");
+    assert!(
+        wait_gone(pid).await,
+        "background sleep {pid} survived cancel"
+    );
 }
 
 #[tokio::test]
@@ -106,7 +115,10 @@ async fn dropping_the_future_kills_the_group() {
     let r = tokio::time::timeout(Duration::from_millis(500), fut).await;
     assert!(r.is_err(), "the run should still be going");
     let pid = read_pid(&dir.path().join("pid"));
-    assert!(wait_gone(pid).await, "background sleep {pid} survived the drop");
+    assert!(
+        wait_gone(pid).await,
+        "background sleep {pid} survived the drop"
+    );
 }
 
 #[tokio::test]
@@ -116,12 +128,19 @@ async fn grandchild_holding_the_pipe_does_not_hang_the_run() {
     let spec = sh("sleep 100 & echo $! > pid; echo started", dir.path());
     let started = Instant::now();
     let out = run(spec, CancellationToken::new()).await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(out.exit_code, Some(0));
     assert!(!out.timed_out);
     assert_eq!(out.stdout, "started\n");
     let pid = read_pid(&dir.path().join("pid"));
-    assert!(wait_gone(pid).await, "leftover sleep {pid} survived the run");
+    assert!(
+        wait_gone(pid).await,
+        "leftover sleep {pid} survived the run"
+    );
 }
 
 #[tokio::test]
@@ -132,7 +151,10 @@ async fn leftover_background_process_is_killed_after_normal_exit() {
     let out = run(spec, CancellationToken::new()).await.unwrap();
     assert_eq!(out.exit_code, Some(0));
     let pid = read_pid(&dir.path().join("pid"));
-    assert!(wait_gone(pid).await, "leftover sleep {pid} survived the run");
+    assert!(
+        wait_gone(pid).await,
+        "leftover sleep {pid} survived the run"
+    );
 }
 
 #[tokio::test]
@@ -140,7 +162,10 @@ async fn output_is_capped_per_stream_and_the_child_is_drained() {
     let dir = tempfile::tempdir().unwrap();
     // 1 MB on stdout: far more than a pipe buffer, so a runner that stopped
     // reading would leave the child blocked until the timeout.
-    let mut spec = sh("head -c 1000000 /dev/zero | tr '\\0' a; echo oops >&2", dir.path());
+    let mut spec = sh(
+        "head -c 1000000 /dev/zero | tr '\\0' a; echo oops >&2",
+        dir.path(),
+    );
     spec.output_limit = 100;
     let out = run(spec, CancellationToken::new()).await.unwrap();
     assert!(!out.timed_out);
@@ -167,9 +192,12 @@ async fn small_output_is_not_truncated() {
 async fn exit_codes_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     for code in [0, 1, 42] {
-        let out = run(sh(&format!("exit {code}"), dir.path()), CancellationToken::new())
-            .await
-            .unwrap();
+        let out = run(
+            sh(&format!("exit {code}"), dir.path()),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         assert_eq!(out.exit_code, Some(code));
         assert_eq!(out.signal, None);
         assert_eq!(out.success(), code == 0);
@@ -236,11 +264,17 @@ async fn file_size_limit_takes_effect() {
     assert_eq!(len, 1000);
 
     // The same command without the limit writes everything.
-    let out = run(sh("head -c 100000 /dev/zero > big2", dir.path()), CancellationToken::new())
-        .await
-        .unwrap();
+    let out = run(
+        sh("head -c 100000 /dev/zero > big2", dir.path()),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     assert!(out.success());
-    assert_eq!(std::fs::metadata(dir.path().join("big2")).unwrap().len(), 100_000);
+    assert_eq!(
+        std::fs::metadata(dir.path().join("big2")).unwrap().len(),
+        100_000
+    );
 }
 
 #[tokio::test]

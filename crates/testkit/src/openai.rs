@@ -423,8 +423,8 @@ impl Exchange {
     }
 
     fn usage(&self, text: Option<&str>, calls: &[(String, String)]) -> Value {
-        let generated = text.map_or(0, str::len)
-            + calls.iter().map(|(n, a)| n.len() + a.len()).sum::<usize>();
+        let generated =
+            text.map_or(0, str::len) + calls.iter().map(|(n, a)| n.len() + a.len()).sum::<usize>();
         let completion_tokens = (generated / 4 + 1) as u64;
         json!({
             "prompt_tokens": self.prompt_tokens,
@@ -434,7 +434,11 @@ impl Exchange {
     }
 
     fn finish_reason(calls: &[(String, String)]) -> &'static str {
-        if calls.is_empty() { "stop" } else { "tool_calls" }
+        if calls.is_empty() {
+            "stop"
+        } else {
+            "tool_calls"
+        }
     }
 
     /// A non-streamed `chat.completion` object.
@@ -626,10 +630,15 @@ mod tests {
         assert_eq!(head["function"]["name"], "f");
         let args: String = parsed[2..]
             .iter()
-            .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str()
+            })
             .collect();
         assert_eq!(args, "{\"a\":12345}");
-        assert_eq!(parsed[parsed.len() - 2]["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(
+            parsed[parsed.len() - 2]["choices"][0]["finish_reason"],
+            "tool_calls"
+        );
         assert_eq!(parsed[parsed.len() - 1]["usage"]["prompt_tokens"], 3);
     }
 }

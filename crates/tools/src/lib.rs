@@ -95,6 +95,21 @@ impl ToolError {
     }
 }
 
+/// The built-in tools: `system.run` under `policy` (children get exactly
+/// `env`), and `file.read`, `file.write`, `file.list` under `files`.
+pub fn builtin_registry(
+    policy: policy::CommandPolicy,
+    files: files::FileLimits,
+    env: Vec<(String, String)>,
+) -> Result<ToolRegistry, ToolError> {
+    let mut registry = ToolRegistry::new();
+    registry.register(Arc::new(system_run::SystemRun::new(policy, env)))?;
+    for tool in files::file_tools(files) {
+        registry.register(tool)?;
+    }
+    Ok(registry)
+}
+
 /// A capability the model can invoke.
 #[async_trait]
 pub trait Tool: Send + Sync {

@@ -11,8 +11,8 @@
 //!   Inside single quotes (`grep -E 'a|b'`) they are plain characters in
 //!   every shell and in our argv, so allowing them there is sound. Inside
 //!   double quotes they are refused (a shell would expand `$(` there).
-//! - control characters (newline, CR, NUL, tab is allowed as a separator
-//!   only... see [`check_raw`]) anywhere, even quoted;
+//! - control characters (newline, CR, NUL, escape, ...) anywhere, even
+//!   quoted; a tab is accepted as a word separator;
 //! - Unicode look-alikes (fullwidth `；｜＆＞＜`, zero-width and
 //!   bidirectional controls) anywhere;
 //! - `#` starting a comment (text after it would be silently dropped).
@@ -307,31 +307,150 @@ fn is_look_alike(c: char) -> bool {
 /// is to run another program or arbitrary code.
 const WRAPPERS: &[&str] = &[
     // privilege, environment and scheduling wrappers
-    "env", "sudo", "su", "doas", "pkexec", "runuser", "chroot", "nsenter", "unshare",
-    "setsid", "nohup", "timeout", "nice", "ionice", "chrt", "taskset", "stdbuf",
-    "setpriv", "prlimit", "flock", "time", "watch", "script", "strace", "ltrace", "gdb",
-    "xargs", "parallel", "busybox", "toybox", "exec", "eval", "command", "builtin",
-    "run-parts", "systemd-run", "at", "batch", "crontab", "start-stop-daemon",
+    "env",
+    "sudo",
+    "su",
+    "doas",
+    "pkexec",
+    "runuser",
+    "chroot",
+    "nsenter",
+    "unshare",
+    "setsid",
+    "nohup",
+    "timeout",
+    "nice",
+    "ionice",
+    "chrt",
+    "taskset",
+    "stdbuf",
+    "setpriv",
+    "prlimit",
+    "flock",
+    "time",
+    "watch",
+    "script",
+    "strace",
+    "ltrace",
+    "gdb",
+    "xargs",
+    "parallel",
+    "busybox",
+    "toybox",
+    "exec",
+    "eval",
+    "command",
+    "builtin",
+    "run-parts",
+    "systemd-run",
+    "at",
+    "batch",
+    "crontab",
+    "start-stop-daemon",
     // shells
-    "sh", "bash", "dash", "zsh", "ksh", "mksh", "pdksh", "csh", "tcsh", "fish", "yash",
-    "rbash", "ash", "elvish", "nu", "xonsh", "pwsh", "powershell",
+    "sh",
+    "bash",
+    "dash",
+    "zsh",
+    "ksh",
+    "mksh",
+    "pdksh",
+    "csh",
+    "tcsh",
+    "fish",
+    "yash",
+    "rbash",
+    "ash",
+    "elvish",
+    "nu",
+    "xonsh",
+    "pwsh",
+    "powershell",
     // interpreters, and text tools with a command language (awk system(),
     // sed `e`, editors and pagers with `!`)
-    "awk", "gawk", "mawk", "nawk", "sed", "gsed", "ed", "ex", "vi", "vim", "nvim", "view",
-    "emacs", "less", "more", "man", "expect", "osascript", "jshell", "java", "groovy",
-    "scala", "kotlin", "R", "Rscript", "julia", "dotnet", "swift", "guile", "racket",
-    "sbcl", "clisp", "ocaml", "ghci", "runghc", "erl", "escript", "elixir", "iex", "deno",
-    "bun", "nodejs", "npx", "npm", "pnpm", "yarn", "pipx", "uv", "uvx",
+    "awk",
+    "gawk",
+    "mawk",
+    "nawk",
+    "sed",
+    "gsed",
+    "ed",
+    "ex",
+    "vi",
+    "vim",
+    "nvim",
+    "view",
+    "emacs",
+    "less",
+    "more",
+    "man",
+    "expect",
+    "osascript",
+    "jshell",
+    "java",
+    "groovy",
+    "scala",
+    "kotlin",
+    "R",
+    "Rscript",
+    "julia",
+    "dotnet",
+    "swift",
+    "guile",
+    "racket",
+    "sbcl",
+    "clisp",
+    "ocaml",
+    "ghci",
+    "runghc",
+    "erl",
+    "escript",
+    "elixir",
+    "iex",
+    "deno",
+    "bun",
+    "nodejs",
+    "npx",
+    "npm",
+    "pnpm",
+    "yarn",
+    "pipx",
+    "uv",
+    "uvx",
     // programs that run commands through an option, a script or a build file
-    "cargo", "go", "make", "gmake", "cmake", "ninja", "gcc", "cc", "clang", "tcc", "git",
-    "ssh", "scp", "sftp", "rsync", "tar", "zip", "dpkg", "apt", "apt-get", "docker",
-    "podman", "kubectl", "sqlite3", "psql", "mysql", "mail", "mutt",
+    "cargo",
+    "go",
+    "make",
+    "gmake",
+    "cmake",
+    "ninja",
+    "gcc",
+    "cc",
+    "clang",
+    "tcc",
+    "git",
+    "ssh",
+    "scp",
+    "sftp",
+    "rsync",
+    "tar",
+    "zip",
+    "dpkg",
+    "apt",
+    "apt-get",
+    "docker",
+    "podman",
+    "kubectl",
+    "sqlite3",
+    "psql",
+    "mysql",
+    "mail",
+    "mutt",
 ];
 
 /// Interpreter families matched with a version suffix (`python3.12`, `perl5.36`).
 const INTERPRETER_PREFIXES: &[&str] = &[
-    "python", "pypy", "perl", "ruby", "irb", "php", "lua", "luajit", "node", "tclsh", "wish",
-    "pip",
+    "python", "pypy", "perl", "ruby", "irb", "php", "lua", "luajit", "node", "tclsh", "wish", "pip",
 ];
 
 /// Whether `program` (argv\[0\], ASCII) is a wrapper or interpreter.
@@ -401,7 +520,12 @@ fn check_options(program: &str, args: &[String]) -> Result<(), PolicyViolation> 
                 // of a dangerous option is refused too.
                 if let Some((full, why)) = dangerous.iter().find(|(full, _)| full.starts_with(name))
                 {
-                    return Err(refuse(arg, &format!("--{full} {why}")));
+                    let why = if name == *full {
+                        format!("--{full} {why}")
+                    } else {
+                        format!("--{name} abbreviates --{full}, which {why}")
+                    };
+                    return Err(refuse(arg, &why));
                 }
             }
             Ok(())
@@ -494,7 +618,15 @@ mod tests {
 
     #[test]
     fn wrapper_names_cover_versions() {
-        for w in ["python", "python3", "python3.12", "perl5.36", "ruby3.2", "Bash", "SH"] {
+        for w in [
+            "python",
+            "python3",
+            "python3.12",
+            "perl5.36",
+            "ruby3.2",
+            "Bash",
+            "SH",
+        ] {
             assert!(is_wrapper(w), "{w}");
         }
         for ok in ["ls", "pythonic", "grep", "perlish"] {

