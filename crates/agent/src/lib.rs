@@ -296,9 +296,7 @@ impl AgentSession {
                 message_id: user_message_id,
             })
             .await;
-        let span = tracing::info_span!("turn", session = %self.id, message = %user_message_id);
-        let _enter = span.enter();
-        drop(_enter);
+        tracing::info!(session = %self.id, message = %user_message_id, "turn started");
 
         let mut usage = Usage::default();
         let mut llm_calls = 0u32;
@@ -316,7 +314,7 @@ impl AgentSession {
             }
             let stored = sh
                 .store
-                .recent_messages(&self.id, sh.config.history_limit as i64)
+                .recent_messages(&self.id, sh.config.history_limit as usize)
                 .await?;
             let history = repair_history(stored.into_iter().map(|m| m.message).collect());
             let tool_tokens: usize = tool_defs
@@ -450,6 +448,7 @@ impl AgentSession {
                         args: call.arguments.clone(),
                     })
                     .await;
+                let started_at = chrono::Utc::now();
                 let result = if was_cancelled {
                     openpista_tools::ToolResult {
                         outcome: ToolOutcome::Cancelled,
@@ -485,20 +484,32 @@ impl AgentSession {
                     .await;
                 invocations.push(ToolInvocation {
                     session_id: self.id.clone(),
+                    message_id: None,
                     call_id: call.id.clone(),
                     tool_name: call.name.clone(),
                     args: call.arguments.clone(),
                     result: result.content.clone(),
                     exit_code: result.exit_code,
-                    duration_ms: result.duration.as_millis() as i64,
+                    duration_ms: result.duration.as_millis() as u64,
                     outcome: result.outcome,
-                    ..ToolInvocation::default()
+                    created_at: started_at,
                 });
                 batch.push(ChatMessage::tool_result(&call.id, &call.name, result.content));
             }
-            sh.store.append_messages(&self.id, &batch).await?;
-            for inv in &invocations {
-                sh.store.record_tool_invocation(inv).await?;
+            let ids = sh
+                .store
+                .append_messages_with_usage(
+                    &self.id,
+                    &batch
+                        .iter()
+                        .enumerate()
+                        .map(|(i, m)| (m, (i == 0).then_some(completion.usage)))
+                        .collect::<Vec<_>>(),
+                )
+                .await?;
+            for mut inv in invocations {
+                inv.message_id = ids.first().copied();
+                sh.store.record_tool_invocation(&inv).await?;
             }
             if was_cancelled || cancel.is_cancelled() {
                 return Err(AgentError::Cancelled);

@@ -73,6 +73,9 @@ pub struct ScriptedReply {
     /// Fail this call with this message.
     #[serde(default)]
     pub error: Option<String>,
+    /// Characters per text delta for this reply (overrides the script's).
+    #[serde(default)]
+    pub chunk_chars: Option<usize>,
 }
 
 /// One scripted tool call.
@@ -177,7 +180,11 @@ impl LlmProvider for ScriptedProvider {
                 .unwrap_or_default();
             text.push_str(last_user);
         }
-        let chunk = self.script.chunk_chars.unwrap_or(8).max(1);
+        let chunk = reply
+            .chunk_chars
+            .or(self.script.chunk_chars)
+            .unwrap_or(8)
+            .max(1);
         let mut events: Vec<LlmEvent> = Vec::new();
         let chars: Vec<char> = text.chars().collect();
         for piece in chars.chunks(chunk) {

@@ -24,8 +24,40 @@
 //! program run another one (`find -exec`, `sort --compress-program`, ...;
 //! GNU long-option abbreviations included).
 //!
-//! Arguments are not confined to the workspace (`cat /etc/passwd` is allowed
-//! by the default list); the allowlist is meant for read-only programs.
+//! ## Arguments stay inside the workspace
+//!
+//! [`CommandPolicy::check_in`] also confines the arguments (argv\[1..\]) of
+//! an allowed program to the workspace, unless the operator set
+//! `allow_paths_outside_workspace`. Each argument gives one or more
+//! *candidates*: the argument itself, the text after each `=`
+//! (`--file=/etc/x`, `if=/etc/x`), and, for a short-option argument
+//! (`-f/etc/x`, `-nfx`), every suffix after the dash, since any of them may
+//! be an attached option value. A candidate
+//!
+//! - starting with `~` is refused (no shell expands it, and the model surely
+//!   meant a home directory);
+//! - that is a path, i.e. absolute, containing `/`, or exactly `..`, is
+//!   refused if it has a `..` component or is longer than `PATH_MAX`;
+//!   otherwise it is joined to the working directory, its deepest existing
+//!   ancestor is canonicalized (following symlinks) and must lie inside the
+//!   canonical workspace (an absolute path into the workspace is fine);
+//! - that is a plain word (`-la`, `hello`, `*.txt`, `notes.txt`) can only
+//!   name an entry of the working directory, so it is refused only when that
+//!   entry is a symlink that leads outside the workspace or nowhere.
+//!
+//! The rule looks at text, not at what a program does with it: `echo /etc`
+//! is refused too. Options that make a program read files the arguments do
+//! not name are refused as well: following symlinks while recursing
+//! (`find -L`, `-follow`, `grep -R`, `ls -L`, `du -L`, `rg -L`) and reading
+//! file names from a file (`--files0-from` of `wc`, `sort`, `du`, `find`).
+//!
+//! Known limits: as for the file tools, the check and the use are two steps
+//! (a racing process could swap a directory for a symlink in between), and
+//! hard links or bind mounts inside the workspace are not detected.
+
+mod paths;
+
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use unicode_normalization::UnicodeNormalization;
@@ -60,6 +92,10 @@ pub struct CommandPolicy {
     pub max_timeout_secs: u64,
     /// Characters of output given back to the model.
     pub output_limit: usize,
+    /// Lets allowlisted programs take arguments that point outside the
+    /// workspace (`cat /etc/passwd`, `ls ~`, `cat ../x`). Off by default:
+    /// such arguments could read secrets such as the config file's API key.
+    pub allow_paths_outside_workspace: bool,
 }
 
 impl Default for CommandPolicy {
@@ -71,6 +107,7 @@ impl Default for CommandPolicy {
             timeout_secs: 30,
             max_timeout_secs: 300,
             output_limit: 10_000,
+            allow_paths_outside_workspace: false,
         }
     }
 }
@@ -129,13 +166,23 @@ pub enum PolicyViolation {
         "{0:?} is a wrapper or interpreter that can run arbitrary commands, so it is refused even if allowlisted (the operator can name it in allow_wrappers)"
     )]
     Wrapper(String),
-    /// An option that makes an allowed program run or write something.
+    /// An option that makes an allowed program run or write something, or
+    /// read files outside the workspace.
     #[error("{program} option {arg:?} is refused: {why}")]
     DangerousOption {
         program: String,
         arg: String,
         why: String,
     },
+    /// An argument names a path outside the workspace (see the module docs).
+    #[error(
+        "argument {arg:?} {why}; system.run may only touch files inside the workspace (use paths relative to the working directory, without `..`)"
+    )]
+    OutsideWorkspace { arg: String, why: String },
+    /// The workspace or working directory cannot be resolved, so arguments
+    /// cannot be checked.
+    #[error("the working directory cannot be checked: {0}")]
+    WorkingDirectory(String),
 }
 
 impl CommandPolicy {
@@ -145,6 +192,9 @@ impl CommandPolicy {
     /// - `Allowlist`: the rules in the module docs; argv\[0\] is a bare name.
     /// - `Full`: `["/bin/sh", "-c", command]` (refusing only an empty command
     ///   and NUL bytes, which cannot be passed to a program).
+    ///
+    /// This is the syntax check alone: it does not look at the file system,
+    /// so arguments are not confined. `system.run` uses [`Self::check_in`].
     pub fn check(&self, command: &str) -> Result<Vec<String>, PolicyViolation> {
         match self.mode {
             PolicyMode::Deny => Err(PolicyViolation::DenyMode),
@@ -163,6 +213,31 @@ impl CommandPolicy {
             }
             PolicyMode::Allowlist => self.check_allowlist(command),
         }
+    }
+
+    /// [`Self::check`], then, in `Allowlist` mode and unless
+    /// `allow_paths_outside_workspace` is set, confines the arguments to
+    /// `workspace` (see the module docs). `cwd` is the working directory the
+    /// program will run in (absolute, or relative to `workspace`); it must be
+    /// inside the workspace. Looks at the file system (`lstat`, `realpath`).
+    pub fn check_in(
+        &self,
+        command: &str,
+        workspace: &Path,
+        cwd: &Path,
+    ) -> Result<Vec<String>, PolicyViolation> {
+        let argv = self.check(command)?;
+        match self.mode {
+            PolicyMode::Deny | PolicyMode::Full => return Ok(argv),
+            PolicyMode::Allowlist => {}
+        }
+        if self.allow_paths_outside_workspace {
+            return Ok(argv);
+        }
+        if let Some((program, args)) = argv.split_first() {
+            paths::check_arguments(program, args, workspace, cwd)?;
+        }
+        Ok(argv)
     }
 
     fn check_allowlist(&self, command: &str) -> Result<Vec<String>, PolicyViolation> {
@@ -587,6 +662,7 @@ mod tests {
         assert_eq!(p.timeout_secs, 30);
         assert_eq!(p.max_timeout_secs, 300);
         assert_eq!(p.output_limit, 10_000);
+        assert!(!p.allow_paths_outside_workspace);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! `openpista-sandbox` with the environment the caller chose (the parent's
 //! environment never reaches the child).
 //!
-//! In allowlist mode the program is looked up by bare name in the `PATH` of
+//! In allowlist mode the arguments are confined to the workspace (see
+//! [`CommandPolicy::check_in`]) and the program is looked up by bare name in the `PATH` of
 //! that environment, skipping relative directories and directories inside the
 //! workspace, so a file written into the workspace can never stand in for an
 //! allowlisted program.
@@ -64,9 +65,15 @@ impl SystemRun {
             PolicyMode::Allowlist => format!(
                 "Run one program in the workspace, without a shell. Allowed programs: {}. \
                  Arguments use shell quoting, but there are no pipes, redirections, `;`, `&&`, \
-                 `$(...)`, globs or variable expansion. Returns stdout, stderr and the exit code \
-                 (output capped at {limit} characters).",
-                self.policy.allowlist.join(", ")
+                 `$(...)`, globs or variable expansion.{paths} Returns stdout, stderr and the \
+                 exit code (output capped at {limit} characters).",
+                self.policy.allowlist.join(", "),
+                paths = if self.policy.allow_paths_outside_workspace {
+                    ""
+                } else {
+                    " Paths in arguments must stay inside the workspace: relative, without `..` \
+                     (absolute paths outside it, `~` and symlinks leading out are refused)."
+                }
             ),
             PolicyMode::Full => format!(
                 "Run a shell command with /bin/sh -c in the workspace. Returns stdout, stderr and \
@@ -120,11 +127,11 @@ impl Tool for SystemRun {
                 tool: "system.run".to_owned(),
                 reason: e.to_string(),
             })?;
+        let cwd = confine(&ctx.workspace, args.cwd.as_deref().unwrap_or("."))?;
         let argv = self
             .policy
-            .check(&args.command)
+            .check_in(&args.command, &cwd.root, &cwd.path)
             .map_err(|v| ToolError::Denied(v.to_string()))?;
-        let cwd = confine(&ctx.workspace, args.cwd.as_deref().unwrap_or("."))?;
         if !cwd.path.is_dir() {
             return Err(ToolError::Failed(format!(
                 "cwd {} is not an existing directory",

@@ -1,0 +1,475 @@
+//! The ReAct loop driven by the scripted provider, with real SQLite and real
+//! tools (plus small test tools for failures and slow calls).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use openpista_agent::{Agent, AgentConfig, AgentError, AgentParts};
+use openpista_llm::scripted::{Script, ScriptedProvider};
+use openpista_memory::Store;
+use openpista_proto::{AgentEvent, ErrorCode, Role, ToolDefinition, ToolOutcome};
+use openpista_tools::{Tool, ToolContext, ToolError, ToolOutput, ToolRegistry};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+struct Echo;
+#[async_trait]
+impl Tool for Echo {
+    fn definition(&self) -> ToolDefinition {
+        ToolDefinition {
+            name: "test.echo".into(),
+            description: "Echoes its argument.".into(),
+            parameters: json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": false}),
+        }
+    }
+    async fn call(&self, args: Value, _ctx: &ToolContext) -> Result<ToolOutput, ToolError> {
+        Ok(ToolOutput::ok(format!("echo {}", args["a"])))
+    }
+}
+
+struct Fail;
+#[async_trait]
+impl Tool for Fail {
+    fn definition(&self) -> ToolDefinition {
+        ToolDefinition {
+            name: "test.fail".into(),
+            description: "Always fails.".into(),
+            parameters: json!({"type": "object"}),
+        }
+    }
+    async fn call(&self, _args: Value, _ctx: &ToolContext) -> Result<ToolOutput, ToolError> {
+        Err(ToolError::Failed("the disk is on fire".into()))
+    }
+}
+
+/// Waits until cancelled; counts how many run at once.
+struct Slow {
+    running: Arc<AtomicUsize>,
+    max_seen: Arc<AtomicUsize>,
+}
+#[async_trait]
+impl Tool for Slow {
+    fn definition(&self) -> ToolDefinition {
+        ToolDefinition {
+            name: "test.slow".into(),
+            description: "Takes a while.".into(),
+            parameters: json!({"type": "object", "properties": {"ms": {"type": "integer"}}}),
+        }
+    }
+    async fn call(&self, args: Value, ctx: &ToolContext) -> Result<ToolOutput, ToolError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_seen.fetch_max(now, Ordering::SeqCst);
+        let ms = args["ms"].as_u64().unwrap_or(60_000);
+        let r = tokio::select! {
+            () = ctx.cancel.cancelled() => Err(ToolError::Cancelled),
+            () = tokio::time::sleep(Duration::from_millis(ms)) => Ok(ToolOutput::ok("slept")),
+        };
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+}
+
+struct Harness {
+    agent: Agent,
+    llm: Arc<ScriptedProvider>,
+    store: Store,
+    max_seen: Arc<AtomicUsize>,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness(script: &str, config: AgentConfig) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+    let llm = Arc::new(ScriptedProvider::new(Script::from_toml(script).unwrap()));
+    let max_seen = Arc::new(AtomicUsize::new(0));
+    let mut tools = ToolRegistry::new();
+    tools.register(Arc::new(Echo)).unwrap();
+    tools.register(Arc::new(Fail)).unwrap();
+    tools
+        .register(Arc::new(Slow {
+            running: Arc::new(AtomicUsize::new(0)),
+            max_seen: max_seen.clone(),
+        }))
+        .unwrap();
+    let workspace = dir.path().join("ws");
+    std::fs::create_dir_all(&workspace).unwrap();
+    let agent = Agent::new(AgentParts {
+        llm: llm.clone(),
+        tools: Arc::new(tools),
+        store: store.clone(),
+        config,
+        workspace,
+        skills_context: "Skills you can use:\n- weather: Tells the weather.".into(),
+    });
+    Harness {
+        agent,
+        llm,
+        store,
+        max_seen,
+        _dir: dir,
+    }
+}
+
+async fn collect(mut rx: mpsc::Receiver<AgentEvent>) -> Vec<AgentEvent> {
+    let mut out = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        out.push(ev);
+    }
+    out
+}
+
+fn kinds(events: &[AgentEvent]) -> Vec<&'static str> {
+    let mut k: Vec<&'static str> = events
+        .iter()
+        .map(|e| match e {
+            AgentEvent::Accepted { .. } => "accepted",
+            AgentEvent::TextDelta { .. } => "text",
+            AgentEvent::ToolStarted { .. } => "tool_started",
+            AgentEvent::ToolFinished { .. } => "tool_finished",
+            AgentEvent::Final { .. } => "final",
+            AgentEvent::Error { .. } => "error",
+        })
+        .collect();
+    k.dedup_by(|a, b| *a == "text" && *b == "text");
+    k
+}
+
+#[tokio::test]
+async fn several_rounds_with_several_calls_per_round() {
+    let h = harness(
+        r#"
+        [[reply]]
+        text = "Let me look."
+        tool_calls = [{ name = "test.echo", arguments = { a = 1 } }, { name = "test.echo", arguments = { a = 2 } }]
+        [[reply]]
+        tool_calls = [{ name = "test.echo", arguments = { a = 3 } }]
+        [[reply]]
+        text = "All done: 1, 2, 3."
+        "#,
+        AgentConfig::default(),
+    )
+    .await;
+    let session = h.agent.create_session("test").await.unwrap();
+    let (tx, rx) = mpsc::channel(64);
+    let outcome = session
+        .run_turn("count to three", tx, CancellationToken::new())
+        .await
+        .unwrap();
+    let events = collect(rx).await;
+    assert_eq!(outcome.text, "All done: 1, 2, 3.");
+    assert_eq!(outcome.llm_calls, 3);
+    assert_eq!(outcome.tool_calls, 3);
+    assert_eq!(
+        kinds(&events),
+        [
+            "accepted",
+            "text",
+            "tool_started",
+            "tool_finished",
+            "tool_started",
+            "tool_finished",
+            "tool_started",
+            "tool_finished",
+            "text",
+            "final"
+        ]
+    );
+
+    // The second request carried the first round: the assistant's text kept
+    // next to its calls, and each result answering its call.
+    let requests = h.llm.requests();
+    assert_eq!(requests.len(), 3);
+    let second = &requests[1].messages;
+    assert_eq!(second[0].role, Role::System);
+    assert!(second[0].content.contains("weather: Tells the weather."));
+    let asst = second.iter().find(|m| m.role == Role::Assistant).unwrap();
+    assert_eq!(asst.content, "Let me look.");
+    assert_eq!(asst.tool_calls.len(), 2);
+    let results: Vec<_> = second.iter().filter(|m| m.role == Role::Tool).collect();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0].tool_call_id.as_deref(), Some(asst.tool_calls[0].id.as_str()));
+    assert_eq!(results[1].content, "echo 2");
+    assert_eq!(requests[0].tools.len(), 3);
+
+    // Everything is persisted, in order.
+    let stored = h.store.recent_messages(session.id(), 100).await.unwrap();
+    let roles: Vec<Role> = stored.iter().map(|m| m.message.role).collect();
+    assert_eq!(
+        roles,
+        [
+            Role::User,
+            Role::Assistant,
+            Role::Tool,
+            Role::Tool,
+            Role::Assistant,
+            Role::Tool,
+            Role::Assistant
+        ]
+    );
+    let inv = h.store.tool_invocations(session.id(), 10).await.unwrap();
+    assert_eq!(inv.len(), 3);
+    assert!(inv.iter().all(|i| i.outcome == ToolOutcome::Ok));
+    assert_eq!(inv[2].result, "echo 3");
+}
+
+#[tokio::test]
+async fn stops_at_the_round_limit() {
+    let h = harness(
+        r#"
+        on_exhausted = "repeat_last"
+        [[reply]]
+        text = "again"
+        tool_calls = [{ name = "test.echo", arguments = { a = 1 } }]
+        "#,
+        AgentConfig {
+            max_tool_rounds: 2,
+            ..AgentConfig::default()
+        },
+    )
+    .await;
+    let session = h.agent.create_session("test").await.unwrap();
+    let (tx, rx) = mpsc::channel(64);
+    let err = session
+        .run_turn("loop forever", tx, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::MaxRounds(2)), "{err}");
+    let events = collect(rx).await;
+    assert!(matches!(
+        events.last(),
+        Some(AgentEvent::Error { code: ErrorCode::MaxRounds, .. })
+    ));
+    // Two rounds of tools ran; the third model call was the last.
+    assert_eq!(h.llm.requests().len(), 3);
+    assert_eq!(h.store.tool_invocations(session.id(), 10).await.unwrap().len(), 2);
+    // The session stays usable: the next turn runs (and stops the same way).
+    let (tx, _rx) = mpsc::channel(64);
+    let again = session.run_turn("hi", tx, CancellationToken::new()).await;
+    assert!(matches!(again, Err(AgentError::MaxRounds(2))));
+    assert_eq!(h.llm.requests().len(), 6);
+}
+
+#[tokio::test]
+async fn tool_errors_are_fed_back_not_fatal() {
+    let h = harness(
+        r#"
+        [[reply]]
+        tool_calls = [
+          { name = "test.fail" },
+          { name = "no.such.tool", arguments = { x = 1 } },
+          { name = "test.echo", arguments = { a = "not a number" } },
+          { name = "test.echo", arguments_raw = "{broken json" },
+        ]
+        [[reply]]
+        text = "Sorry, that did not work."
+        "#,
+        AgentConfig::default(),
+    )
+    .await;
+    let session = h.agent.create_session("test").await.unwrap();
+    let (tx, rx) = mpsc::channel(64);
+    let outcome = session
+        .run_turn("try things", tx, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(outcome.text, "Sorry, that did not work.");
+    let events = collect(rx).await;
+    let finished: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            AgentEvent::ToolFinished { outcome, output, .. } => Some((*outcome, output.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(finished.len(), 4);
+    assert!(finished.iter().all(|(o, _)| *o == ToolOutcome::Error));
+    assert!(finished[0].1.contains("the disk is on fire"), "{finished:?}");
+    assert!(finished[1].1.contains("unknown tool"), "{finished:?}");
+    assert!(finished[1].1.contains("test.echo"), "lists the available tools: {finished:?}");
+    assert!(finished[2].1.contains("invalid arguments"), "{finished:?}");
+    assert!(finished[3].1.contains("not valid JSON"), "{finished:?}");
+    let second = &h.llm.requests()[1].messages;
+    let fed_back: Vec<_> = second.iter().filter(|m| m.role == Role::Tool).collect();
+    assert_eq!(fed_back.len(), 4);
+    assert!(fed_back.iter().all(|m| m.content.starts_with("error:")));
+}
+
+#[tokio::test]
+async fn a_running_turn_can_be_cancelled() {
+    let h = harness(
+        r#"
+        [[reply]]
+        text = "Working on it."
+        tool_calls = [{ name = "test.slow" }, { name = "test.echo", arguments = { a = 1 } }]
+        [[reply]]
+        text = "a very long answer that streams slowly"
+        delay_ms = 200
+        chunk_chars = 2
+        [[reply]]
+        text = "fine"
+        "#,
+        AgentConfig::default(),
+    )
+    .await;
+    let session = h.agent.create_session("test").await.unwrap();
+
+    // Cancel while a tool runs.
+    let (tx, mut rx) = mpsc::channel(64);
+    let s = session.clone();
+    let turn = tokio::spawn(async move { s.run_turn("slow", tx, CancellationToken::new()).await });
+    while let Some(ev) = rx.recv().await {
+        if matches!(ev, AgentEvent::ToolStarted { .. }) {
+            assert!(session.cancel());
+            break;
+        }
+    }
+    let err = turn.await.unwrap().unwrap_err();
+    assert!(matches!(err, AgentError::Cancelled), "{err}");
+    let rest = collect(rx).await;
+    assert!(matches!(
+        rest.last(),
+        Some(AgentEvent::Error { code: ErrorCode::Cancelled, .. })
+    ));
+    let inv = h.store.tool_invocations(session.id(), 10).await.unwrap();
+    assert_eq!(inv.len(), 2);
+    assert_eq!(inv[0].outcome, ToolOutcome::Cancelled);
+    assert_eq!(inv[1].outcome, ToolOutcome::Cancelled, "later calls do not run");
+    assert!(!session.cancel(), "nothing is running now");
+
+    // Cancel while the model streams, through the caller's token.
+    let (tx, mut rx) = mpsc::channel(64);
+    let token = CancellationToken::new();
+    let s = session.clone();
+    let t = token.clone();
+    let turn = tokio::spawn(async move { s.run_turn("stream", tx, t).await });
+    while let Some(ev) = rx.recv().await {
+        if matches!(ev, AgentEvent::TextDelta { .. }) {
+            token.cancel();
+            break;
+        }
+    }
+    assert!(matches!(turn.await.unwrap(), Err(AgentError::Cancelled)));
+
+    // The user's messages are stored and the session goes on.
+    let (tx, _rx) = mpsc::channel(64);
+    let ok = session
+        .run_turn("again", tx, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(ok.text, "fine");
+    let stored = h.store.recent_messages(session.id(), 100).await.unwrap();
+    let users: Vec<_> = stored
+        .iter()
+        .filter(|m| m.message.role == Role::User)
+        .map(|m| m.message.content.as_str())
+        .collect();
+    assert_eq!(users, ["slow", "stream", "again"]);
+    // The partial streamed answer was kept, marked as cancelled.
+    assert!(stored.iter().any(|m| m.message.content.ends_with("[cancelled]")));
+}
+
+#[tokio::test]
+async fn concurrent_messages_to_one_session_are_serialized() {
+    let h = harness(
+        r#"
+        on_exhausted = "repeat_last"
+        [[reply]]
+        tool_calls = [{ name = "test.slow", arguments = { ms = 150 } }]
+        [[reply]]
+        text = "first done"
+        [[reply]]
+        tool_calls = [{ name = "test.slow", arguments = { ms = 150 } }]
+        [[reply]]
+        text = "second done"
+        "#,
+        AgentConfig::default(),
+    )
+    .await;
+    let a = h.agent.create_session("test").await.unwrap();
+    // A second handle to the same session, as another channel would get.
+    let b = h.agent.open_session(a.id()).await.unwrap();
+    let (tx1, _r1) = mpsc::channel(64);
+    let (tx2, _r2) = mpsc::channel(64);
+    let (r1, r2) = tokio::join!(
+        a.run_turn("one", tx1, CancellationToken::new()),
+        b.run_turn("two", tx2, CancellationToken::new())
+    );
+    let (r1, r2) = (r1.unwrap(), r2.unwrap());
+    assert_eq!(h.max_seen.load(Ordering::SeqCst), 1, "tools never overlapped");
+    let mut texts = [r1.text, r2.text];
+    texts.sort();
+    assert_eq!(texts, ["first done", "second done"]);
+    // The turns did not interleave: user, assistant(call), tool, assistant, then the same again.
+    let stored = h.store.recent_messages(a.id(), 100).await.unwrap();
+    let roles: Vec<Role> = stored.iter().map(|m| m.message.role).collect();
+    assert_eq!(
+        roles,
+        [
+            Role::User,
+            Role::Assistant,
+            Role::Tool,
+            Role::Assistant,
+            Role::User,
+            Role::Assistant,
+            Role::Tool,
+            Role::Assistant
+        ]
+    );
+}
+
+#[tokio::test]
+async fn history_is_trimmed_to_the_window_without_orphaning_results() {
+    let h = harness(
+        r#"
+        on_exhausted = "echo"
+        [[reply]]
+        text = "x"
+        tool_calls = [{ name = "test.echo", arguments = { a = 1 } }]
+        "#,
+        AgentConfig {
+            default_context_window: 700,
+            reply_reserve_tokens: 100,
+            ..AgentConfig::default()
+        },
+    )
+    .await;
+    let session = h.agent.create_session("test").await.unwrap();
+    for i in 0..12 {
+        let (tx, _rx) = mpsc::channel(64);
+        session
+            .run_turn(&format!("message {i} {}", "padding ".repeat(40)), tx, CancellationToken::new())
+            .await
+            .unwrap();
+    }
+    let last = h.llm.requests().pop().unwrap();
+    let non_system: Vec<_> = last.messages.iter().skip(1).collect();
+    assert!(non_system.len() < 24, "trimmed: {}", non_system.len());
+    assert_ne!(non_system[0].role, Role::Tool, "never starts with an orphaned result");
+    assert!(non_system.last().unwrap().content.starts_with("message 11"));
+
+    // A message that cannot fit at all is a clear error, and it is still stored.
+    let (tx, _rx) = mpsc::channel(64);
+    let err = session
+        .run_turn(&"huge ".repeat(5000), tx, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::ContextOverflow { .. }), "{err}");
+    let count = h.store.message_count(session.id()).await.unwrap();
+    assert_eq!(count, 12 * 2 + 2 + 1);
+}
+
+#[tokio::test]
+async fn unknown_session_is_not_found() {
+    let h = harness("", AgentConfig::default()).await;
+    let id = openpista_proto::SessionId::parse("no-such-session").unwrap();
+    assert!(matches!(
+        h.agent.open_session(&id).await,
+        Err(AgentError::NotFound(_))
+    ));
+    // Channels with stable ids create on first use.
+    let s = h.agent.session_for(&id, "telegram").await.unwrap();
+    assert_eq!(s.id(), &id);
+}
