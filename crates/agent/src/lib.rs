@@ -299,7 +299,6 @@ impl AgentSession {
         tracing::info!(session = %self.id, message = %user_message_id, "turn started");
 
         let mut usage = Usage::default();
-        let mut llm_calls = 0u32;
         let mut tool_calls = 0u32;
         let tool_defs = sh.tools.definitions();
         let system = self.system_prompt();
@@ -353,7 +352,7 @@ impl AgentSession {
             };
 
             let started = Instant::now();
-            llm_calls += 1;
+            let llm_calls = round + 1;
             let completion = {
                 let mut stream = tokio::select! {
                     biased;
@@ -453,6 +452,21 @@ impl AgentSession {
                     openpista_tools::ToolResult {
                         outcome: ToolOutcome::Cancelled,
                         content: "error: cancelled".to_owned(),
+                        exit_code: None,
+                        duration: std::time::Duration::ZERO,
+                    }
+                } else if call.name.trim().is_empty() {
+                    openpista_tools::ToolResult {
+                        outcome: ToolOutcome::Error,
+                        content: format!(
+                            "error: the tool call was malformed or cut off (no tool name could be read); \
+                             send one complete call. Available tools: {}",
+                            tool_defs
+                                .iter()
+                                .map(|t| t.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
                         exit_code: None,
                         duration: std::time::Duration::ZERO,
                     }

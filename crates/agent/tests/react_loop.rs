@@ -262,6 +262,7 @@ async fn tool_errors_are_fed_back_not_fatal() {
           { name = "no.such.tool", arguments = { x = 1 } },
           { name = "test.echo", arguments = { a = "not a number" } },
           { name = "test.echo", arguments_raw = "{broken json" },
+          { name = "", arguments_raw = "{\"name\": \"test.ec" },
         ]
         [[reply]]
         text = "Sorry, that did not work."
@@ -284,16 +285,17 @@ async fn tool_errors_are_fed_back_not_fatal() {
             _ => None,
         })
         .collect();
-    assert_eq!(finished.len(), 4);
+    assert_eq!(finished.len(), 5);
     assert!(finished.iter().all(|(o, _)| *o == ToolOutcome::Error));
     assert!(finished[0].1.contains("the disk is on fire"), "{finished:?}");
     assert!(finished[1].1.contains("unknown tool"), "{finished:?}");
     assert!(finished[1].1.contains("test.echo"), "lists the available tools: {finished:?}");
     assert!(finished[2].1.contains("invalid arguments"), "{finished:?}");
     assert!(finished[3].1.contains("not valid JSON"), "{finished:?}");
+    assert!(finished[4].1.contains("malformed or cut off"), "{finished:?}");
     let second = &h.llm.requests()[1].messages;
     let fed_back: Vec<_> = second.iter().filter(|m| m.role == Role::Tool).collect();
-    assert_eq!(fed_back.len(), 4);
+    assert_eq!(fed_back.len(), 5);
     assert!(fed_back.iter().all(|m| m.content.starts_with("error:")));
 }
 

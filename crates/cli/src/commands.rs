@@ -269,7 +269,7 @@ async fn sessions(loaded: &Loaded, cmd: SessionsCommand) -> Result<ExitCode> {
     let store = wiring::store(loaded).await?;
     match cmd {
         SessionsCommand::List { limit, json } => {
-            let list = store.list_sessions(i64::from(limit)).await?;
+            let list = store.list_sessions(limit as usize).await?;
             if json {
                 let rows: Vec<_> = list
                     .iter()
@@ -303,7 +303,7 @@ async fn sessions(loaded: &Loaded, cmd: SessionsCommand) -> Result<ExitCode> {
                 eprintln!("error: no session {id}");
                 return Ok(ExitCode::from(1));
             }
-            let messages = store.recent_messages(&id, i64::from(limit)).await?;
+            let messages = store.recent_messages(&id, limit as usize).await?;
             if json {
                 let rows: Vec<_> = messages.iter().map(|m| &m.message).collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);

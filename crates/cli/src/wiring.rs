@@ -30,7 +30,7 @@ pub fn tools(loaded: &Loaded, env: &Env) -> Result<Arc<ToolRegistry>> {
     let child_env = openpista_sandbox::minimal_env(&env.path, &loaded.paths.workspace);
     let registry = openpista_tools::builtin_registry(
         loaded.config.tools.system_run.clone(),
-        loaded.config.tools.files.clone(),
+        loaded.config.tools.files,
         child_env,
     )?;
     Ok(Arc::new(registry))
@@ -80,10 +80,10 @@ pub async fn llm(loaded: &Loaded, env: &Env) -> Result<Arc<dyn LlmProvider>> {
         ProviderKind::Scripted => {
             let raw = cfg.scripted.file.as_deref().unwrap_or_default();
             let mut path = env.expand(raw);
-            if path.is_relative() {
-                if let Some(dir) = loaded.paths.config_file.parent() {
-                    path = dir.join(path);
-                }
+            if path.is_relative()
+                && let Some(dir) = loaded.paths.config_file.parent()
+            {
+                path = dir.join(path);
             }
             Arc::new(ScriptedProvider::new(Script::from_file(&path)?))
         }

@@ -56,6 +56,9 @@ pub struct LocalConfig {
     pub batch_size: u32,
     pub temperature: f32,
     pub top_p: f32,
+    /// Penalty for repeating one of the last 64 tokens (1.0 = off); small
+    /// models loop without it.
+    pub repeat_penalty: f32,
     pub seed: u32,
     /// Most tokens generated per reply.
     pub max_tokens: u32,
@@ -70,6 +73,7 @@ impl Default for LocalConfig {
             batch_size: 512,
             temperature: 0.2,
             top_p: 0.95,
+            repeat_penalty: 1.1,
             seed: 42,
             max_tokens: 512,
         }
@@ -379,6 +383,15 @@ impl Inner {
                 LlamaSampler::grammar(&self.model, g, "root")
                     .map_err(|e| LlmError::Inference(format!("tool grammar: {e}")))?,
             );
+        }
+        if self.cfg.repeat_penalty > 0.0 && (self.cfg.repeat_penalty - 1.0).abs() > f32::EPSILON {
+            chain.push(LlamaSampler::penalties(
+                self.model.n_vocab(),
+                64,
+                self.cfg.repeat_penalty,
+                0.0,
+                0.0,
+            ));
         }
         if temperature <= 0.0 {
             chain.push(LlamaSampler::greedy());
