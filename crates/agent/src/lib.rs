@@ -297,6 +297,14 @@ impl AgentSession {
             })
             .await;
         tracing::info!(session = %self.id, message = %user_message_id, "turn started");
+        // A session is titled by its first message, for `sessions list`.
+        if let Some(rec) = sh.store.get_session(&self.id).await?
+            && rec.title.is_none()
+        {
+            let title: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let title: String = title.chars().take(60).collect();
+            sh.store.set_title(&self.id, Some(&title)).await?;
+        }
 
         let mut usage = Usage::default();
         let mut tool_calls = 0u32;

@@ -209,6 +209,8 @@ async fn several_rounds_with_several_calls_per_round() {
             Role::Assistant
         ]
     );
+    let rec = h.store.get_session(session.id()).await.unwrap().unwrap();
+    assert_eq!(rec.title.as_deref(), Some("count to three"));
     let inv = h.store.tool_invocations(session.id(), 10).await.unwrap();
     assert_eq!(inv.len(), 3);
     assert!(inv.iter().all(|i| i.outcome == ToolOutcome::Ok));

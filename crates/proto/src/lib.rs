@@ -3,7 +3,10 @@
 //! This crate holds plain data: ids, chat messages, tool calls, the events a
 //! turn streams to whoever asked, and the error codes that go with them. It has
 //! no I/O, no tokio and no quinn, so every other crate may depend on it.
-//! (The QUIC frame codec and handshake state machine join it with the gateway.)
+//! [`frame`] is the sans-IO frame codec and [`wire`] the protocol's frames.
+
+pub mod frame;
+pub mod wire;
 
 use std::fmt;
 
@@ -269,6 +272,16 @@ pub enum ErrorCode {
     StorageError,
     /// A limit or quota was exceeded.
     LimitExceeded,
+    /// The client speaks a protocol version this server does not.
+    UnsupportedVersion,
+    /// A frame's length prefix exceeds the limit.
+    FrameTooLarge,
+    /// Bytes that are not a valid frame (truncated, not UTF-8, not JSON).
+    InvalidFrame,
+    /// Too many requests or messages; slow down.
+    RateLimited,
+    /// The server is shutting down.
+    ShuttingDown,
     /// Anything else; the message says what.
     Internal,
 }
@@ -284,6 +297,11 @@ impl ErrorCode {
             ErrorCode::MaxRounds => "max_rounds",
             ErrorCode::StorageError => "storage_error",
             ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::InvalidFrame => "invalid_frame",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
         }
     }
