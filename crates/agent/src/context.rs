@@ -7,7 +7,8 @@ use openpista_proto::{ChatMessage, Role};
 
 /// Text given to the model for a call whose result was never stored (the
 /// process died mid-turn).
-pub const MISSING_RESULT: &str = "error: no result was recorded for this call (the turn was interrupted)";
+pub const MISSING_RESULT: &str =
+    "error: no result was recorded for this call (the turn was interrupted)";
 
 /// Makes a history window well formed for any provider:
 /// - tool results whose assistant message fell outside the window are dropped;
@@ -45,7 +46,11 @@ pub fn repair_history(messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
     out
 }
 
-fn close_round(out: &mut Vec<ChatMessage>, open: &mut Vec<(String, String)>, answered: &HashSet<String>) {
+fn close_round(
+    out: &mut Vec<ChatMessage>,
+    open: &mut Vec<(String, String)>,
+    answered: &HashSet<String>,
+) {
     for (id, name) in open.drain(..) {
         if !answered.contains(&id) {
             out.push(ChatMessage::tool_result(id, name, MISSING_RESULT));

@@ -69,10 +69,10 @@ impl Default for AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// Storage failed; the message may not be persisted. Retrying may help if the database was busy.
-    #[error("storage: {0}")]
+    #[error(transparent)]
     Storage(#[from] MemoryError),
     /// The model provider failed (after its own retries).
-    #[error("model: {0}")]
+    #[error(transparent)]
     Llm(#[from] LlmError),
     /// The turn was cancelled. Its messages so far are stored.
     #[error("the turn was cancelled")]
@@ -84,7 +84,9 @@ pub enum AgentError {
     #[error("no session {0}")]
     NotFound(SessionId),
     /// Even the newest message does not fit the model's context window.
-    #[error("the message does not fit the model's context window ({needed} tokens needed, {window} available)")]
+    #[error(
+        "the message does not fit the model's context window ({needed} tokens needed, {window} available)"
+    )]
     ContextOverflow { needed: usize, window: usize },
 }
 
@@ -229,7 +231,9 @@ pub struct AgentSession {
 
 impl std::fmt::Debug for AgentSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentSession").field("id", &self.id).finish()
+        f.debug_struct("AgentSession")
+            .field("id", &self.id)
+            .finish()
     }
 }
 
@@ -326,7 +330,10 @@ impl AgentSession {
             let history = repair_history(stored.into_iter().map(|m| m.message).collect());
             let tool_tokens: usize = tool_defs
                 .iter()
-                .map(|t| sh.llm.count_tokens(&t.parameters.to_string()) + sh.llm.count_tokens(&t.description))
+                .map(|t| {
+                    sh.llm.count_tokens(&t.parameters.to_string())
+                        + sh.llm.count_tokens(&t.description)
+                })
                 .sum();
             let budget = window
                 .saturating_sub(sh.config.reply_reserve_tokens as usize)
@@ -393,7 +400,8 @@ impl AgentSession {
                         Some(Ok(event)) => {
                             if let LlmEvent::TextDelta(t) = &event {
                                 streamed.push_str(t);
-                                let _ = events.send(AgentEvent::TextDelta { text: t.clone() }).await;
+                                let _ =
+                                    events.send(AgentEvent::TextDelta { text: t.clone() }).await;
                             }
                             assembler.push(event);
                         }
@@ -442,7 +450,8 @@ impl AgentSession {
 
             // Run the calls of this round, then store the assistant message and
             // its results together.
-            let assistant = ChatMessage::assistant(completion.text.clone(), completion.tool_calls.clone());
+            let assistant =
+                ChatMessage::assistant(completion.text.clone(), completion.tool_calls.clone());
             let mut batch = vec![assistant];
             let mut invocations = Vec::new();
             let mut was_cancelled = false;
@@ -516,7 +525,11 @@ impl AgentSession {
                     outcome: result.outcome,
                     created_at: started_at,
                 });
-                batch.push(ChatMessage::tool_result(&call.id, &call.name, result.content));
+                batch.push(ChatMessage::tool_result(
+                    &call.id,
+                    &call.name,
+                    result.content,
+                ));
             }
             let ids = sh
                 .store

@@ -75,8 +75,12 @@ async fn the_local_model_calls_a_registered_tool_and_the_loop_runs_it() {
     let (tx, mut rx) = mpsc::channel(256);
     let s = session.clone();
     let turn = tokio::spawn(async move {
-        s.run_turn("List the files in the current directory.", tx, CancellationToken::new())
-            .await
+        s.run_turn(
+            "List the files in the current directory.",
+            tx,
+            CancellationToken::new(),
+        )
+        .await
     });
     let mut events = Vec::new();
     while let Some(ev) = rx.recv().await {
@@ -103,7 +107,9 @@ async fn the_local_model_calls_a_registered_tool_and_the_loop_runs_it() {
     let finished = events
         .iter()
         .find_map(|e| match e {
-            AgentEvent::ToolFinished { outcome, output, .. } => Some((*outcome, output.clone())),
+            AgentEvent::ToolFinished {
+                outcome, output, ..
+            } => Some((*outcome, output.clone())),
             _ => None,
         })
         .expect("a tool finished");

@@ -190,7 +190,10 @@ async fn several_rounds_with_several_calls_per_round() {
     assert_eq!(asst.tool_calls.len(), 2);
     let results: Vec<_> = second.iter().filter(|m| m.role == Role::Tool).collect();
     assert_eq!(results.len(), 2);
-    assert_eq!(results[0].tool_call_id.as_deref(), Some(asst.tool_calls[0].id.as_str()));
+    assert_eq!(
+        results[0].tool_call_id.as_deref(),
+        Some(asst.tool_calls[0].id.as_str())
+    );
     assert_eq!(results[1].content, "echo 2");
     assert_eq!(requests[0].tools.len(), 3);
 
@@ -242,11 +245,21 @@ async fn stops_at_the_round_limit() {
     let events = collect(rx).await;
     assert!(matches!(
         events.last(),
-        Some(AgentEvent::Error { code: ErrorCode::MaxRounds, .. })
+        Some(AgentEvent::Error {
+            code: ErrorCode::MaxRounds,
+            ..
+        })
     ));
     // Two rounds of tools ran; the third model call was the last.
     assert_eq!(h.llm.requests().len(), 3);
-    assert_eq!(h.store.tool_invocations(session.id(), 10).await.unwrap().len(), 2);
+    assert_eq!(
+        h.store
+            .tool_invocations(session.id(), 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     // The session stays usable: the next turn runs (and stops the same way).
     let (tx, _rx) = mpsc::channel(64);
     let again = session.run_turn("hi", tx, CancellationToken::new()).await;
@@ -283,18 +296,29 @@ async fn tool_errors_are_fed_back_not_fatal() {
     let finished: Vec<_> = events
         .iter()
         .filter_map(|e| match e {
-            AgentEvent::ToolFinished { outcome, output, .. } => Some((*outcome, output.clone())),
+            AgentEvent::ToolFinished {
+                outcome, output, ..
+            } => Some((*outcome, output.clone())),
             _ => None,
         })
         .collect();
     assert_eq!(finished.len(), 5);
     assert!(finished.iter().all(|(o, _)| *o == ToolOutcome::Error));
-    assert!(finished[0].1.contains("the disk is on fire"), "{finished:?}");
+    assert!(
+        finished[0].1.contains("the disk is on fire"),
+        "{finished:?}"
+    );
     assert!(finished[1].1.contains("unknown tool"), "{finished:?}");
-    assert!(finished[1].1.contains("test.echo"), "lists the available tools: {finished:?}");
+    assert!(
+        finished[1].1.contains("test.echo"),
+        "lists the available tools: {finished:?}"
+    );
     assert!(finished[2].1.contains("invalid arguments"), "{finished:?}");
     assert!(finished[3].1.contains("not valid JSON"), "{finished:?}");
-    assert!(finished[4].1.contains("malformed or cut off"), "{finished:?}");
+    assert!(
+        finished[4].1.contains("malformed or cut off"),
+        "{finished:?}"
+    );
     let second = &h.llm.requests()[1].messages;
     let fed_back: Vec<_> = second.iter().filter(|m| m.role == Role::Tool).collect();
     assert_eq!(fed_back.len(), 5);
@@ -335,12 +359,19 @@ async fn a_running_turn_can_be_cancelled() {
     let rest = collect(rx).await;
     assert!(matches!(
         rest.last(),
-        Some(AgentEvent::Error { code: ErrorCode::Cancelled, .. })
+        Some(AgentEvent::Error {
+            code: ErrorCode::Cancelled,
+            ..
+        })
     ));
     let inv = h.store.tool_invocations(session.id(), 10).await.unwrap();
     assert_eq!(inv.len(), 2);
     assert_eq!(inv[0].outcome, ToolOutcome::Cancelled);
-    assert_eq!(inv[1].outcome, ToolOutcome::Cancelled, "later calls do not run");
+    assert_eq!(
+        inv[1].outcome,
+        ToolOutcome::Cancelled,
+        "later calls do not run"
+    );
     assert!(!session.cancel(), "nothing is running now");
 
     // Cancel while the model streams, through the caller's token.
@@ -372,7 +403,11 @@ async fn a_running_turn_can_be_cancelled() {
         .collect();
     assert_eq!(users, ["slow", "stream", "again"]);
     // The partial streamed answer was kept, marked as cancelled.
-    assert!(stored.iter().any(|m| m.message.content.ends_with("[cancelled]")));
+    assert!(
+        stored
+            .iter()
+            .any(|m| m.message.content.ends_with("[cancelled]"))
+    );
 }
 
 #[tokio::test]
@@ -402,7 +437,11 @@ async fn concurrent_messages_to_one_session_are_serialized() {
         b.run_turn("two", tx2, CancellationToken::new())
     );
     let (r1, r2) = (r1.unwrap(), r2.unwrap());
-    assert_eq!(h.max_seen.load(Ordering::SeqCst), 1, "tools never overlapped");
+    assert_eq!(
+        h.max_seen.load(Ordering::SeqCst),
+        1,
+        "tools never overlapped"
+    );
     let mut texts = [r1.text, r2.text];
     texts.sort();
     assert_eq!(texts, ["first done", "second done"]);
@@ -444,14 +483,22 @@ async fn history_is_trimmed_to_the_window_without_orphaning_results() {
     for i in 0..12 {
         let (tx, _rx) = mpsc::channel(64);
         session
-            .run_turn(&format!("message {i} {}", "padding ".repeat(40)), tx, CancellationToken::new())
+            .run_turn(
+                &format!("message {i} {}", "padding ".repeat(40)),
+                tx,
+                CancellationToken::new(),
+            )
             .await
             .unwrap();
     }
     let last = h.llm.requests().pop().unwrap();
     let non_system: Vec<_> = last.messages.iter().skip(1).collect();
     assert!(non_system.len() < 24, "trimmed: {}", non_system.len());
-    assert_ne!(non_system[0].role, Role::Tool, "never starts with an orphaned result");
+    assert_ne!(
+        non_system[0].role,
+        Role::Tool,
+        "never starts with an orphaned result"
+    );
     assert!(non_system.last().unwrap().content.starts_with("message 11"));
 
     // A message that cannot fit at all is a clear error, and it is still stored.

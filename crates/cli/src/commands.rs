@@ -55,16 +55,26 @@ fn parse_session(id: &str) -> Result<SessionId> {
 }
 
 async fn run(loaded: &Loaded, env: &Env, args: RunArgs) -> Result<ExitCode> {
+    // Check the session before loading a model: a typo should fail fast.
+    if let Some(id) = &args.session
+        && wiring::store(loaded).await?.get_session(id).await?.is_none()
+    {
+        anyhow::bail!("no session {id}");
+    }
     let agent = wiring::agent(loaded, env).await?;
     let session = match &args.session {
-        Some(id) => agent.open_session(&parse_session(id)?).await?,
+        Some(id) => agent.open_session(id).await?,
         None => agent.create_session("cli").await?,
     };
     let ok = turn(&session, &args.text, args.json).await?;
     if !args.json {
         eprintln!("[session {}]", session.id());
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Runs one turn, printing as it streams. Ctrl-C cancels the turn.
@@ -151,11 +161,11 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-async fn repl(loaded: &Loaded, env: &Env, session: Option<String>) -> Result<ExitCode> {
+async fn repl(loaded: &Loaded, env: &Env, session: Option<SessionId>) -> Result<ExitCode> {
     use rustyline::error::ReadlineError;
     let agent: Agent = wiring::agent(loaded, env).await?;
     let mut current = match session {
-        Some(id) => agent.open_session(&parse_session(&id)?).await?,
+        Some(id) => agent.open_session(&id).await?,
         None => agent.create_session("cli").await?,
     };
     let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
@@ -178,7 +188,10 @@ async fn repl(loaded: &Loaded, env: &Env, session: Option<String>) -> Result<Exi
             continue;
         }
         let _ = rl.add_history_entry(line);
-        match line.split_once(' ').map_or((line, ""), |(c, r)| (c, r.trim())) {
+        match line
+            .split_once(' ')
+            .map_or((line, ""), |(c, r)| (c, r.trim()))
+        {
             ("/quit" | "/exit", _) => break,
             ("/help", _) => eprintln!(
                 "/new             start a new session\n/sessions        list recent sessions\n/session ID      switch to a session\n/quit            leave"
@@ -248,7 +261,9 @@ fn models(loaded: &Loaded, json: bool) -> Result<ExitCode> {
                 m.name,
                 human_size(m.size_bytes),
                 m.architecture.as_deref().unwrap_or("?"),
-                m.context_length.map(|c| c.to_string()).unwrap_or_else(|| "?".into()),
+                m.context_length
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "?".into()),
                 m.quantization.as_deref().unwrap_or("?"),
             ),
         }
@@ -298,7 +313,6 @@ async fn sessions(loaded: &Loaded, cmd: SessionsCommand) -> Result<ExitCode> {
             }
         }
         SessionsCommand::Show { id, limit, json } => {
-            let id = parse_session(&id)?;
             if store.get_session(&id).await?.is_none() {
                 eprintln!("error: no session {id}");
                 return Ok(ExitCode::from(1));
@@ -318,7 +332,6 @@ async fn sessions(loaded: &Loaded, cmd: SessionsCommand) -> Result<ExitCode> {
             }
         }
         SessionsCommand::Rm { id } => {
-            let id = parse_session(&id)?;
             if store.delete_session(&id).await? {
                 println!("deleted {id}");
             } else {

@@ -234,7 +234,10 @@ pub fn parse(text: &str, file: &Path) -> Result<Config> {
 fn validate(config: &Config) -> Result<()> {
     let l = &config.llm.local;
     if !(0.0..=5.0).contains(&l.temperature) {
-        bail!("llm.local.temperature must be between 0 and 5, got {}", l.temperature);
+        bail!(
+            "llm.local.temperature must be between 0 and 5, got {}",
+            l.temperature
+        );
     }
     if !(0.0..=1.0).contains(&l.top_p) || l.top_p == 0.0 {
         bail!("llm.local.top_p must be in (0, 1], got {}", l.top_p);
@@ -259,15 +262,21 @@ mod tests {
     fn example_config_parses_and_matches_defaults() {
         let c = parse(EXAMPLE, Path::new("config.example.toml")).unwrap();
         assert_eq!(c.llm.provider, ProviderKind::Local);
-        assert_eq!(c.agent.max_tool_rounds, AgentConfig::default().max_tool_rounds);
+        assert_eq!(
+            c.agent.max_tool_rounds,
+            AgentConfig::default().max_tool_rounds
+        );
         assert_eq!(c.llm.local, LocalConfig::default());
     }
 
     #[test]
     fn unknown_key_names_file_line_and_key() {
-        let err = parse("[llm]\nprovider = \"local\"\n\n[agent]\nmax_rounds = 3\n", Path::new("/x/config.toml"))
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "[llm]\nprovider = \"local\"\n\n[agent]\nmax_rounds = 3\n",
+            Path::new("/x/config.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("/x/config.toml"), "{err}");
         assert!(err.contains("line 5"), "{err}");
         assert!(err.contains("max_rounds"), "{err}");

@@ -4,14 +4,15 @@
 //! This is the only crate that reads the environment, installs the tracing
 //! subscriber or decides the process exit code.
 
-pub mod config;
 mod commands;
+pub mod config;
 mod wiring;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use openpista_proto::SessionId;
 
 use crate::config::{Env, LogFormat};
 
@@ -42,8 +43,8 @@ pub enum Command {
     /// Chat interactively.
     Repl {
         /// Continue this session.
-        #[arg(long)]
-        session: Option<String>,
+        #[arg(long, value_parser = session_id)]
+        session: Option<SessionId>,
     },
     /// List the GGUF models in the models folder.
     Models {
@@ -65,8 +66,8 @@ pub struct RunArgs {
     #[arg(short = 'e', long = "execute", value_name = "TEXT")]
     pub text: String,
     /// Continue this session (default: a new one).
-    #[arg(long)]
-    pub session: Option<String>,
+    #[arg(long, value_parser = session_id)]
+    pub session: Option<SessionId>,
     /// Print every event as a JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -83,14 +84,18 @@ pub enum SessionsCommand {
     },
     /// A session's messages and tool calls.
     Show {
-        id: String,
+        #[arg(value_parser = session_id)]
+        id: SessionId,
         #[arg(long, default_value_t = 200)]
         limit: u32,
         #[arg(long)]
         json: bool,
     },
     /// Delete a session and everything in it.
-    Rm { id: String },
+    Rm {
+        #[arg(value_parser = session_id)]
+        id: SessionId,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +114,12 @@ pub enum ToolsCommand {
     },
 }
 
+/// Validates a session id on the command line, so a bad one is a usage
+/// error (exit 2) reported before anything is loaded.
+fn session_id(raw: &str) -> Result<SessionId, String> {
+    SessionId::parse(raw).map_err(|e| e.to_string())
+}
+
 /// Runs the command and returns the process exit code:
 /// 0 success, 1 the command failed, 2 bad usage or configuration.
 pub fn main(cli: Cli, env: Env) -> ExitCode {
@@ -121,7 +132,10 @@ pub fn main(cli: Cli, env: Env) -> ExitCode {
     };
     let format = cli.log_format.unwrap_or(loaded.config.log.format);
     init_logging(format, loaded.config.log.level.as_deref());
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -147,6 +161,8 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
         .unwrap_or_else(|_| EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // No colour escapes in redirected output (files, pipes, CI logs).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -25,7 +25,10 @@ pub async fn store(loaded: &Loaded) -> Result<Store> {
 /// minimal environment: no secret of ours can reach them.
 pub fn tools(loaded: &Loaded, env: &Env) -> Result<Arc<ToolRegistry>> {
     std::fs::create_dir_all(&loaded.paths.workspace).with_context(|| {
-        format!("creating the workspace {}", loaded.paths.workspace.display())
+        format!(
+            "creating the workspace {}",
+            loaded.paths.workspace.display()
+        )
     })?;
     let child_env = openpista_sandbox::minimal_env(&env.path, &loaded.paths.workspace);
     let registry = openpista_tools::builtin_registry(
@@ -52,7 +55,9 @@ pub async fn llm(loaded: &Loaded, env: &Env) -> Result<Arc<dyn LlmProvider>> {
             let local_cfg = cfg.local.clone();
             let bar = indicatif::ProgressBar::new(100).with_message(format!(
                 "loading {}",
-                path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                path.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
             ));
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}%")

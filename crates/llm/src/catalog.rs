@@ -177,10 +177,12 @@ fn file_type_name(ft: u64) -> Option<&'static str> {
 
 fn quant_from_name(name: &str) -> Option<String> {
     let upper = name.to_ascii_uppercase();
-    ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "F16", "BF16"]
-        .iter()
-        .find(|q| upper.contains(*q))
-        .map(|q| (*q).to_owned())
+    [
+        "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "F16", "BF16",
+    ]
+    .iter()
+    .find(|q| upper.contains(*q))
+    .map(|q| (*q).to_owned())
 }
 
 #[cfg(test)]
@@ -211,6 +213,10 @@ mod tests {
 
     #[test]
     fn missing_dir_is_empty() {
-        assert!(discover(Path::new("/nonexistent/openpista/models")).unwrap().is_empty());
+        assert!(
+            discover(Path::new("/nonexistent/openpista/models"))
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -209,10 +209,7 @@ impl Builder {
                 let mut parts: Vec<(bool, String)> = Vec::new();
                 for (i, (key, sub)) in props.iter().enumerate() {
                     let sub_rule = self.value_rule(&format!("{name}-p{i}"), sub, depth + 1);
-                    let kv = format!(
-                        "{} ws \":\" ws {sub_rule}",
-                        gbnf_literal(&json_string(key))
-                    );
+                    let kv = format!("{} ws \":\" ws {sub_rule}", gbnf_literal(&json_string(key)));
                     parts.push((required.contains(&key.as_str()), kv));
                 }
                 parts.sort_by_key(|(req, _)| !*req);

@@ -171,7 +171,10 @@ impl LocalProvider {
                 path.display(),
                 FETCH_HINT.replace(
                     "MODELS_DIR",
-                    &path.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                    &path
+                        .parent()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
                 )
             )));
         }
@@ -313,8 +316,11 @@ impl Inner {
         if let (Some(shape), false) = (shape, system_seen) {
             chat.insert(
                 0,
-                LlamaChatMessage::new("system".to_owned(), tool_instructions(&request.tools, shape))
-                    .map_err(|e| LlmError::Inference(format!("chat message: {e}")))?,
+                LlamaChatMessage::new(
+                    "system".to_owned(),
+                    tool_instructions(&request.tools, shape),
+                )
+                .map_err(|e| LlmError::Inference(format!("chat message: {e}")))?,
             );
         }
         let template = match &self.template {
@@ -722,7 +728,9 @@ mod tests {
     fn envelope_response_streams_unescaped_text() {
         let mut out = Output::new(Some(GrammarShape::Envelope));
         let mut shown = String::new();
-        for piece in ["{\"", "response", "\": \"", "Hi \\", "\"you\\", "u00e9\\n", "!\"", "}"] {
+        for piece in [
+            "{\"", "response", "\": \"", "Hi \\", "\"you\\", "u00e9\\n", "!\"", "}",
+        ] {
             if let Some(t) = out.push(piece) {
                 shown.push_str(&t);
             }
@@ -734,7 +742,10 @@ mod tests {
     #[test]
     fn envelope_call_is_parsed() {
         let mut out = Output::new(Some(GrammarShape::Envelope));
-        for piece in ["{\"tool_call\": {\"name\": \"system.run\", ", "\"arguments\": {\"command\": \"ls\"}}}"] {
+        for piece in [
+            "{\"tool_call\": {\"name\": \"system.run\", ",
+            "\"arguments\": {\"command\": \"ls\"}}}",
+        ] {
             assert_eq!(out.push(piece), None);
         }
         assert_eq!(

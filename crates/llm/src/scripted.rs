@@ -102,9 +102,8 @@ impl Script {
         let text = std::fs::read_to_string(path).map_err(|e| {
             LlmError::Config(format!("reading scripted replies {}: {e}", path.display()))
         })?;
-        toml::from_str(&text).map_err(|e| {
-            LlmError::Config(format!("scripted replies {}: {e}", path.display()))
-        })
+        toml::from_str(&text)
+            .map_err(|e| LlmError::Config(format!("scripted replies {}: {e}", path.display())))
     }
 }
 
@@ -264,7 +263,9 @@ mod tests {
 
     #[test]
     fn bad_script_names_the_key() {
-        let err = Script::from_toml("[[reply]]\ntxt = 1\n").unwrap_err().to_string();
+        let err = Script::from_toml("[[reply]]\ntxt = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("txt"), "{err}");
         assert!(err.contains("line 2"), "{err}");
     }

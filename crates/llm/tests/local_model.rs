@@ -13,9 +13,7 @@ use serde_json::json;
 fn model_path() -> PathBuf {
     let dir = std::env::var_os("OPENPISTA_TEST_MODELS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            dirs_home().join(".local/share/openpista/models")
-        });
+        .unwrap_or_else(|| dirs_home().join(".local/share/openpista/models"));
     let path = dir.join(DEFAULT_MODEL);
     assert!(
         path.is_file(),
@@ -27,7 +25,9 @@ fn model_path() -> PathBuf {
 }
 
 fn dirs_home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default()
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
 }
 
 fn provider() -> LocalProvider {
@@ -101,7 +101,10 @@ async fn loads_and_streams_text() {
     let (usage, _) = done.expect("a Done event");
     assert!(usage.prompt_tokens > 5);
     // One delta per token, except pieces that end inside a UTF-8 character.
-    assert!(usage.completion_tokens as usize >= deltas.len(), "{usage:?}");
+    assert!(
+        usage.completion_tokens as usize >= deltas.len(),
+        "{usage:?}"
+    );
     assert!(usage.completion_tokens <= 48, "{usage:?}");
 }
 
@@ -115,7 +118,10 @@ async fn required_tool_choice_yields_a_schema_valid_call() {
         ("hello", 3),
     ] {
         let req = ChatRequest {
-            messages: vec![ChatMessage::system("You are a helpful assistant."), ChatMessage::user(prompt)],
+            messages: vec![
+                ChatMessage::system("You are a helpful assistant."),
+                ChatMessage::user(prompt),
+            ],
             tools: tools.clone(),
             tool_choice: ToolChoice::Required,
             sampling: Sampling {
@@ -134,11 +140,17 @@ async fn required_tool_choice_yields_a_schema_valid_call() {
                 "system.run" => {
                     assert!(args["command"].is_string(), "{call:?}");
                     let keys: Vec<_> = args.as_object().unwrap().keys().collect();
-                    assert!(keys.iter().all(|k| *k == "command" || *k == "timeout_secs"), "{call:?}");
+                    assert!(
+                        keys.iter().all(|k| *k == "command" || *k == "timeout_secs"),
+                        "{call:?}"
+                    );
                 }
                 "weather.get" => {
                     assert!(args["city"].is_string(), "{call:?}");
-                    assert!(["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()), "{call:?}");
+                    assert!(
+                        ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()),
+                        "{call:?}"
+                    );
                 }
                 other => panic!("{prompt}: not a registered tool: {other:?}"),
             }

@@ -112,6 +112,7 @@ impl FrameDecoder {
     /// The next complete frame, parsed as `T`, or `None` if more bytes are needed.
     /// The length is checked as soon as its 4 bytes arrive, so an oversize
     /// frame is refused before its body is buffered.
+    #[allow(clippy::should_implement_trait)] // fallible and generic: not an Iterator
     pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         if self.poisoned {
             return Err(FrameError::Poisoned);
@@ -126,7 +127,11 @@ impl FrameDecoder {
         if self.buf.len() < LENGTH_PREFIX + len {
             return Ok(None);
         }
-        let body: Vec<u8> = self.buf.drain(..LENGTH_PREFIX + len).skip(LENGTH_PREFIX).collect();
+        let body: Vec<u8> = self
+            .buf
+            .drain(..LENGTH_PREFIX + len)
+            .skip(LENGTH_PREFIX)
+            .collect();
         match parse(&body) {
             Ok(v) => Ok(Some(v)),
             Err(e) => Err(self.fail(e)),
@@ -161,7 +166,11 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     let text = std::str::from_utf8(body).map_err(|e| FrameError::InvalidUtf8(e.to_string()))?;
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
-    let Some(ty) = value.get("type").and_then(|t| t.as_str()).map(str::to_owned) else {
+    let Some(ty) = value
+        .get("type")
+        .and_then(|t| t.as_str())
+        .map(str::to_owned)
+    else {
         return Err(FrameError::InvalidJson(
             "a frame must be a JSON object with a string \"type\"".into(),
         ));
@@ -228,7 +237,11 @@ mod tests {
                     got.push(f);
                 }
             }
-            assert_eq!(got, vec![send("a"), send("bb"), send("ccc")], "split {split}");
+            assert_eq!(
+                got,
+                vec![send("a"), send("bb"), send("ccc")],
+                "split {split}"
+            );
             d.finish().unwrap();
         }
     }
@@ -249,7 +262,10 @@ mod tests {
         // u32::MAX as a length is refused too.
         let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
         d.push(&[0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(d.next::<ClientFrame>(), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            d.next::<ClientFrame>(),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -262,7 +278,10 @@ mod tests {
         assert!(matches!(err, FrameError::Truncated { .. }), "{err}");
         let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
         d.push(&[0, 0]);
-        assert!(matches!(d.finish(), Err(FrameError::Truncated { have: 2, want: 4 })));
+        assert!(matches!(
+            d.finish(),
+            Err(FrameError::Truncated { have: 2, want: 4 })
+        ));
     }
 
     fn frame(body: &[u8]) -> Vec<u8> {
@@ -273,7 +292,8 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_errors_with_codes() {
-        let cases: Vec<(&[u8], fn(&FrameError) -> bool)> = vec![
+        type Check = fn(&FrameError) -> bool;
+        let cases: Vec<(&[u8], Check)> = vec![
             (b"\xff\xfe{}", |e| matches!(e, FrameError::InvalidUtf8(_))),
             (b"{not json", |e| matches!(e, FrameError::InvalidJson(_))),
             (b"[1,2,3]", |e| matches!(e, FrameError::InvalidJson(_))),

@@ -73,9 +73,7 @@ impl From<SessionId> for String {
 
 /// A session id that failed validation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid session id {0:?}: use 1-64 characters from A-Z a-z 0-9 _ - . :"
-)]
+#[error("invalid session id {0:?}: use 1-64 characters from A-Z a-z 0-9 _ - . :")]
 pub struct InvalidId(pub String);
 
 /// Row id of a stored message.

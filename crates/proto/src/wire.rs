@@ -159,8 +159,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused_from_clients() {
-        let r: Result<ClientFrame, _> =
-            serde_json::from_str(r#"{"type":"status","sudo":true}"#);
+        let r: Result<ClientFrame, _> = serde_json::from_str(r#"{"type":"status","sudo":true}"#);
         assert!(r.is_err());
     }
 }

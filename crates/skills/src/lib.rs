@@ -126,8 +126,9 @@ pub fn load(path: &Path) -> Result<Skill, SkillError> {
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    let (front, body) = split_front_matter(&text)
-        .ok_or_else(|| err("missing YAML front matter (a block between --- lines at the top)".into()))?;
+    let (front, body) = split_front_matter(&text).ok_or_else(|| {
+        err("missing YAML front matter (a block between --- lines at the top)".into())
+    })?;
     let meta: SkillMeta =
         serde_saphyr::from_str(front).map_err(|e| err(format!("invalid front matter: {e}")))?;
     let name_ok = !meta.name.is_empty()
@@ -155,7 +156,9 @@ pub fn load(path: &Path) -> Result<Skill, SkillError> {
 fn split_front_matter(text: &str) -> Option<(&str, &str)> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let rest = text.strip_prefix("---")?;
-    let rest = rest.strip_prefix("\r\n").or_else(|| rest.strip_prefix('\n'))?;
+    let rest = rest
+        .strip_prefix("\r\n")
+        .or_else(|| rest.strip_prefix('\n'))?;
     let mut offset = 0;
     for line in rest.split_inclusive('\n') {
         if line.trim_end() == "---" {
@@ -219,8 +222,16 @@ mod tests {
             "---\nname: weather\ndescription: Tells the weather.\nmode: subprocess\nentry: run.sh\ntimeout: 10\n---\n# Weather\nRun it.\n",
         );
         write(dir.path(), "bad/SKILL.md", "no front matter here");
-        write(dir.path(), "bad2/SKILL.md", "---\nname: x\ndescription: y\nunknown: 1\n---\n");
-        write(dir.path(), "bad3/SKILL.md", "---\nname: ../evil\ndescription: y\n---\n");
+        write(
+            dir.path(),
+            "bad2/SKILL.md",
+            "---\nname: x\ndescription: y\nunknown: 1\n---\n",
+        );
+        write(
+            dir.path(),
+            "bad3/SKILL.md",
+            "---\nname: ../evil\ndescription: y\n---\n",
+        );
         let set = discover(&[dir.path().to_path_buf(), dir.path().join("missing")]);
         assert_eq!(set.skills.len(), 1);
         let s = &set.skills[0];
@@ -230,20 +241,35 @@ mod tests {
         assert!(s.body.starts_with("# Weather"));
         assert_eq!(set.errors.len(), 3, "{:?}", set.errors);
         assert!(set.errors.iter().any(|e| e.message.contains("unknown")));
-        assert!(set.errors.iter().any(|e| e.message.contains("invalid name")));
+        assert!(
+            set.errors
+                .iter()
+                .any(|e| e.message.contains("invalid name"))
+        );
     }
 
     #[test]
     fn later_roots_override_and_context_is_bounded() {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        write(a.path(), "s/SKILL.md", "---\nname: s\ndescription: from a\n---\n");
-        write(b.path(), "s/SKILL.md", "---\nname: s\ndescription: from b\n---\n");
+        write(
+            a.path(),
+            "s/SKILL.md",
+            "---\nname: s\ndescription: from a\n---\n",
+        );
+        write(
+            b.path(),
+            "s/SKILL.md",
+            "---\nname: s\ndescription: from b\n---\n",
+        );
         for i in 0..50 {
             write(
                 b.path(),
                 &format!("n{i}/SKILL.md"),
-                &format!("---\nname: skill{i:02}\ndescription: {}\n---\n", "d".repeat(50)),
+                &format!(
+                    "---\nname: skill{i:02}\ndescription: {}\n---\n",
+                    "d".repeat(50)
+                ),
             );
         }
         let set = discover(&[a.path().to_path_buf(), b.path().to_path_buf()]);

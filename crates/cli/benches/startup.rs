@@ -1,0 +1,124 @@
+//! Start-up cost of `openpista run -e` with the scripted provider, next to
+//! `openpista --version` (process start, clap, exit) as the baseline.
+//!
+//! `cargo bench -p openpista-cli --bench startup` runs both commands in turns
+//! (the order flipping each round, so machine noise hits both) and prints the
+//! median wall time and peak RSS of each child process, read with `wait4`, plus
+//! the ratio run/--version. Without `--bench` (e.g. `cargo test --benches`) it
+//! does two rounds as a smoke test.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CONFIG: &str = "[llm]\nprovider = \"scripted\"\n\n[llm.scripted]\nfile = \"replies.toml\"\n";
+const REPLIES: &str = "on_exhausted = \"repeat_last\"\n\n[[reply]]\ntext = \"hello\"\n";
+
+struct Sample {
+    wall: Duration,
+    max_rss_kib: i64,
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let rounds = if bench { 20 } else { 2 };
+    let exe = Path::new(env!("CARGO_BIN_EXE_openpista"));
+
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(home.path().join("config.toml"), CONFIG).unwrap();
+    std::fs::write(home.path().join("replies.toml"), REPLIES).unwrap();
+
+    let run = |args: &[&str]| measure(exe, home.path(), args);
+    let run_e: &[&str] = &["run", "-e", "hi"];
+    let version: &[&str] = &["--version"];
+
+    println!("binary {}", exe.display());
+    println!(
+        "{} ({rounds} interleaved round(s) after 1 warm-up)",
+        if bench { "bench" } else { "smoke run" }
+    );
+    // Warm-up: page the binary in, create the database and workspace.
+    run(run_e);
+    run(version);
+
+    let mut runs = Vec::with_capacity(rounds);
+    let mut versions = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            runs.push(run(run_e));
+            versions.push(run(version));
+        } else {
+            versions.push(run(version));
+            runs.push(run(run_e));
+        }
+    }
+
+    let wall = |s: &[Sample]| median(s.iter().map(|x| x.wall.as_secs_f64() * 1e3).collect());
+    let rss = |s: &[Sample]| median(s.iter().map(|x| x.max_rss_kib as f64).collect());
+    let (run_ms, ver_ms) = (wall(&runs), wall(&versions));
+    let (run_kib, ver_kib) = (rss(&runs), rss(&versions));
+    println!(
+        "{:<22} {:>12} {:>12} {:>8}",
+        "median", "run -e hi", "--version", "ratio"
+    );
+    println!(
+        "{:<22} {run_ms:>12.1} {ver_ms:>12.1} {:>8.2}",
+        "wall ms",
+        run_ms / ver_ms
+    );
+    println!(
+        "{:<22} {run_kib:>12.0} {ver_kib:>12.0} {:>8.2}",
+        "peak RSS KiB",
+        run_kib / ver_kib
+    );
+}
+
+/// Runs `exe args` in `home` and measures that one child: wall time from spawn
+/// to exit, and its own peak RSS (`ru_maxrss` from `wait4`, in KiB on Linux).
+fn measure(exe: &Path, home: &Path, args: &[&str]) -> Sample {
+    let stdout_path = home.join("stdout");
+    let stderr_path = home.join("stderr");
+    let start = Instant::now();
+    let child = Command::new(exe)
+        .args(args)
+        .env("OPENPISTA_HOME", home)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout_path).unwrap())
+        .stderr(File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our own child, not yet reaped (`child` is never waited on:
+    // dropping a std Child neither waits nor kills).
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = start.elapsed();
+    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
+    drop(child);
+
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let out = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+    let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(ok, "openpista {args:?} failed ({status:#x}):\n{out}\n{err}");
+    if args.first() == Some(&"run") {
+        assert!(out.contains("hello"), "scripted reply missing: {out:?}");
+    }
+    Sample {
+        wall,
+        max_rss_kib: usage.ru_maxrss,
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let mid = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[mid]
+    } else {
+        (xs[mid - 1] + xs[mid]) / 2.0
+    }
+}
