@@ -109,7 +109,11 @@ pub enum Event {
     /// `accepted`, `text_delta`, `tool_started`, `tool_finished`, `final` or `error`.
     Agent(AgentEvent),
     /// A tool call waits for [`Client::approve`].
-    ApprovalRequired { id: String, tool: String, args: String },
+    ApprovalRequired {
+        id: String,
+        tool: String,
+        args: String,
+    },
 }
 
 /// The server's `status_report`.
@@ -395,7 +399,9 @@ async fn request_one(
 async fn prefer_close_reason(connection: &quinn::Connection, err: ClientError) -> ClientError {
     let closed = tokio::time::timeout(Duration::from_millis(500), connection.closed()).await;
     match closed {
-        Ok(reason @ quinn::ConnectionError::ApplicationClosed(_)) => ClientError::Connection(reason),
+        Ok(reason @ quinn::ConnectionError::ApplicationClosed(_)) => {
+            ClientError::Connection(reason)
+        }
         _ => err,
     }
 }
@@ -506,8 +512,14 @@ mod tests {
 
     #[test]
     fn close_reasons_map_to_codes() {
-        assert_eq!(code_from_reason(b"unauthorized"), Some(ErrorCode::Unauthorized));
-        assert_eq!(code_from_reason(b"frame_too_large"), Some(ErrorCode::FrameTooLarge));
+        assert_eq!(
+            code_from_reason(b"unauthorized"),
+            Some(ErrorCode::Unauthorized)
+        );
+        assert_eq!(
+            code_from_reason(b"frame_too_large"),
+            Some(ErrorCode::FrameTooLarge)
+        );
         assert_eq!(code_from_reason(b"nope"), None);
         assert_eq!(code_from_reason(&[0xff]), None);
     }

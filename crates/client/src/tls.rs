@@ -160,7 +160,10 @@ mod tests {
         let plain = "ab".repeat(32);
         let colons = vec!["AB"; 32].join(":");
         assert_eq!(parse_fingerprint(&plain).unwrap(), [0xab; 32]);
-        assert_eq!(parse_fingerprint(&format!("sha256:{colons}")).unwrap(), [0xab; 32]);
+        assert_eq!(
+            parse_fingerprint(&format!("sha256:{colons}")).unwrap(),
+            [0xab; 32]
+        );
         assert!(parse_fingerprint("abc").is_err());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
         assert!(parse_fingerprint(&"é".repeat(32)).is_err());

@@ -50,7 +50,11 @@ impl Default for GatewayConfig {
 impl GatewayConfig {
     /// Checks the limits and parses `bind`.
     pub fn validate(&self) -> Result<SocketAddr, GatewayError> {
-        let bad = |what: &str| Err(GatewayError::Config(format!("gateway.{what} must be at least 1")));
+        let bad = |what: &str| {
+            Err(GatewayError::Config(format!(
+                "gateway.{what} must be at least 1"
+            )))
+        };
         if self.max_frame_size < 64 {
             return Err(GatewayError::Config(
                 "gateway.max_frame_size must be at least 64".into(),
@@ -82,7 +86,10 @@ impl GatewayConfig {
             ));
         }
         self.bind.parse().map_err(|e| {
-            GatewayError::Config(format!("gateway.bind {:?} is not an address: {e}", self.bind))
+            GatewayError::Config(format!(
+                "gateway.bind {:?} is not an address: {e}",
+                self.bind
+            ))
         })
     }
 }

@@ -170,7 +170,10 @@ impl Gateway {
     }
 
     /// Sessions, newest first (`limit` defaults to 50, at most 1000).
-    pub async fn list_sessions(&self, limit: Option<u32>) -> Result<Vec<SessionInfo>, GatewayError> {
+    pub async fn list_sessions(
+        &self,
+        limit: Option<u32>,
+    ) -> Result<Vec<SessionInfo>, GatewayError> {
         let limit = limit.unwrap_or(DEFAULT_SESSIONS_LIMIT).min(MAX_LIST_LIMIT) as usize;
         let rows = self.inner.agent.store().list_sessions(limit).await?;
         Ok(rows

@@ -193,7 +193,12 @@ async fn accept_loop(
 }
 
 /// Closes `conn` after giving `send` (holding an error frame) time to deliver.
-async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, code: ErrorCode, message: String) {
+async fn refuse(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    code: ErrorCode,
+    message: String,
+) {
     tracing::info!(code = code.as_str(), %message, "refusing connection");
     let frame = ServerFrame::Error { code, message };
     if let Ok(bytes) = frame::encode(&frame, frame::DEFAULT_MAX_FRAME)
@@ -202,10 +207,17 @@ async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, code: Err
     {
         let _ = tokio::time::timeout(LINGER, send.stopped()).await;
     }
-    conn.close(quinn::VarInt::from_u32(CLOSE_ERROR), code.as_str().as_bytes());
+    conn.close(
+        quinn::VarInt::from_u32(CLOSE_ERROR),
+        code.as_str().as_bytes(),
+    );
 }
 
-async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn serve_connection(
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     // The handshake: the first bidirectional stream carries `hello`.
     let first = tokio::select! {
         () = shutdown.cancelled() => None,
@@ -215,15 +227,25 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>, shutdown
         },
     };
     let Some((send, mut recv)) = first else {
-        conn.close(quinn::VarInt::from_u32(CLOSE_ERROR), ErrorCode::BadRequest.as_str().as_bytes());
+        conn.close(
+            quinn::VarInt::from_u32(CLOSE_ERROR),
+            ErrorCode::BadRequest.as_str().as_bytes(),
+        );
         return;
     };
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, read_request(&mut recv, shared.max_frame)).await;
+    let hello =
+        tokio::time::timeout(HELLO_TIMEOUT, read_request(&mut recv, shared.max_frame)).await;
     let hello = match hello {
         Ok(Ok(frame)) => frame,
         Ok(Err(e)) => return refuse(&conn, send, e.code, e.message).await,
         Err(_) => {
-            return refuse(&conn, send, ErrorCode::BadRequest, "no hello in time".into()).await;
+            return refuse(
+                &conn,
+                send,
+                ErrorCode::BadRequest,
+                "no hello in time".into(),
+            )
+            .await;
         }
     };
     let (version, token, client_name) = match hello {
@@ -243,11 +265,17 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>, shutdown
         }
     };
     if version != PROTOCOL_VERSION {
-        let msg = format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}");
+        let msg = format!(
+            "protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"
+        );
         return refuse(&conn, send, ErrorCode::UnsupportedVersion, msg).await;
     }
     if !shared.token.allows(token.as_deref()) {
-        let msg = if token.is_some() { "wrong token" } else { "a token is required" };
+        let msg = if token.is_some() {
+            "wrong token"
+        } else {
+            "a token is required"
+        };
         return refuse(&conn, send, ErrorCode::Unauthorized, msg.into()).await;
     }
     let welcome = ServerFrame::Welcome {
@@ -256,7 +284,10 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>, shutdown
         max_frame_size: shared.max_frame as u64,
     };
     let mut send = send;
-    if write_frame(&mut send, &welcome, shared.max_frame).await.is_err() {
+    if write_frame(&mut send, &welcome, shared.max_frame)
+        .await
+        .is_err()
+    {
         return;
     }
     let _ = send.finish();
@@ -312,7 +343,12 @@ async fn serve_stream(
     shared: &Shared,
     rate: &Mutex<RateLimit>,
 ) {
-    let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut recv, shared.max_frame)).await {
+    let request = match tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        read_request(&mut recv, shared.max_frame),
+    )
+    .await
+    {
         Ok(Ok(frame)) => frame,
         Ok(Err(e)) => {
             let _ = recv.stop(quinn::VarInt::from_u32(CLOSE_ERROR));
@@ -320,13 +356,20 @@ async fn serve_stream(
         }
         Err(_) => {
             let _ = recv.stop(quinn::VarInt::from_u32(CLOSE_ERROR));
-            return reply_error(&mut send, ErrorCode::BadRequest, "no request in time".into()).await;
+            return reply_error(
+                &mut send,
+                ErrorCode::BadRequest,
+                "no request in time".into(),
+            )
+            .await;
         }
     };
     let gateway = &shared.gateway;
     let max = shared.max_frame;
     let reply = match request {
-        ClientFrame::Hello { .. } => Err((ErrorCode::BadRequest, "already authenticated".to_owned())),
+        ClientFrame::Hello { .. } => {
+            Err((ErrorCode::BadRequest, "already authenticated".to_owned()))
+        }
         ClientFrame::SendMessage {
             session_id,
             text,
@@ -334,7 +377,12 @@ async fn serve_stream(
         } => {
             let allowed = rate.lock().unwrap_or_else(|p| p.into_inner()).try_take();
             if !allowed {
-                return reply_error(&mut send, ErrorCode::RateLimited, "too many messages; slow down".into()).await;
+                return reply_error(
+                    &mut send,
+                    ErrorCode::RateLimited,
+                    "too many messages; slow down".into(),
+                )
+                .await;
             }
             let req = SendRequest {
                 session_id,
@@ -355,7 +403,12 @@ async fn serve_stream(
                                 }
                             }
                             Err(e) => {
-                                return reply_error(&mut send, ErrorCode::LimitExceeded, e.to_string()).await;
+                                return reply_error(
+                                    &mut send,
+                                    ErrorCode::LimitExceeded,
+                                    e.to_string(),
+                                )
+                                .await;
                             }
                         }
                     }
@@ -467,9 +520,15 @@ enum WriteFailure {
     Stream,
 }
 
-async fn write_frame(send: &mut quinn::SendStream, frame: &ServerFrame, max: usize) -> Result<(), WriteFailure> {
+async fn write_frame(
+    send: &mut quinn::SendStream,
+    frame: &ServerFrame,
+    max: usize,
+) -> Result<(), WriteFailure> {
     let bytes = frame::encode(frame, max).map_err(WriteFailure::Encode)?;
-    send.write_all(&bytes).await.map_err(|_| WriteFailure::Stream)
+    send.write_all(&bytes)
+        .await
+        .map_err(|_| WriteFailure::Stream)
 }
 
 async fn reply_error(send: &mut quinn::SendStream, code: ErrorCode, message: String) {

@@ -164,7 +164,10 @@ pub(crate) fn check_private(path: &Path) -> Result<(), GatewayError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path).map_err(io_err(path))?.permissions().mode();
+        let mode = std::fs::metadata(path)
+            .map_err(io_err(path))?
+            .permissions()
+            .mode();
         if mode & 0o077 != 0 {
             return Err(GatewayError::InsecurePermissions {
                 path: path.to_path_buf(),
@@ -191,7 +194,10 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt;
             for f in [CERT_FILE, KEY_FILE] {
-                let mode = std::fs::metadata(data.join(f)).unwrap().permissions().mode();
+                let mode = std::fs::metadata(data.join(f))
+                    .unwrap()
+                    .permissions()
+                    .mode();
                 assert_eq!(mode & 0o777, 0o600, "{f}");
             }
         }
@@ -207,7 +213,10 @@ mod tests {
         let key = dir.path().join(KEY_FILE);
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = TlsIdentity::load_or_generate(dir.path()).unwrap_err();
-        assert!(matches!(err, GatewayError::InsecurePermissions { .. }), "{err}");
+        assert!(
+            matches!(err, GatewayError::InsecurePermissions { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -215,6 +224,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CERT_FILE), "x").unwrap();
         assert!(TlsIdentity::load_or_generate(dir.path()).is_err());
-        assert_eq!(std::fs::read_to_string(dir.path().join(CERT_FILE)).unwrap(), "x");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(CERT_FILE)).unwrap(),
+            "x"
+        );
     }
 }

@@ -18,7 +18,13 @@ fn send(session_id: Option<SessionId>, text: &str, key: Option<&str>) -> SendReq
 #[tokio::test]
 async fn a_turn_streams_and_is_stored() {
     let h = common::harness("on_exhausted = \"echo\"", &GatewayConfig::default()).await;
-    let events = h.gateway.send(send(None, "hello there", None)).await.unwrap().collect().await;
+    let events = h
+        .gateway
+        .send(send(None, "hello there", None))
+        .await
+        .unwrap()
+        .collect()
+        .await;
     let Some(AgentEvent::Accepted { session_id, .. }) = events.first().cloned() else {
         panic!("first event: {events:?}");
     };
@@ -36,13 +42,23 @@ async fn a_turn_streams_and_is_stored() {
 async fn unknown_sessions_are_not_found_unless_created_on_demand() {
     let h = common::harness("on_exhausted = \"echo\"", &GatewayConfig::default()).await;
     let id = SessionId::parse("telegram:42").unwrap();
-    let err = h.gateway.send(send(Some(id.clone()), "hi", None)).await.unwrap_err();
+    let err = h
+        .gateway
+        .send(send(Some(id.clone()), "hi", None))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), ErrorCode::NotFound);
-    assert!(matches!(h.gateway.history(&id, None).await, Err(GatewayError::NotFound(_))));
+    assert!(matches!(
+        h.gateway.history(&id, None).await,
+        Err(GatewayError::NotFound(_))
+    ));
     let mut req = send(Some(id.clone()), "hi", None);
     req.create_missing = true;
     let events = h.gateway.send(req).await.unwrap().collect().await;
-    assert!(matches!(events.last(), Some(AgentEvent::Final { .. })), "{events:?}");
+    assert!(
+        matches!(events.last(), Some(AgentEvent::Final { .. })),
+        "{events:?}"
+    );
     assert_eq!(h.gateway.history(&id, None).await.unwrap().len(), 2);
 }
 
@@ -91,7 +107,13 @@ delay_ms = 20
     assert!(h.gateway.cancel(&session_id));
     let rest = first.collect().await;
     assert!(
-        matches!(rest.last(), Some(AgentEvent::Error { code: ErrorCode::Cancelled, .. })),
+        matches!(
+            rest.last(),
+            Some(AgentEvent::Error {
+                code: ErrorCode::Cancelled,
+                ..
+            })
+        ),
         "{rest:?}"
     );
     assert!(h.gateway.shutdown(std::time::Duration::from_secs(5)).await);
