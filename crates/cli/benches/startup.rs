@@ -4,7 +4,7 @@
 //! `cargo bench -p openpista-cli --bench startup` runs both commands in turns
 //! (the order flipping each round, so machine noise hits both) and prints the
 //! median wall time and peak RSS of each child process, read with `wait4`, plus
-//! the ratio run/--version. Without `--bench` (e.g. `cargo test --benches`) it
+//! the ratio run/--version (the median of the per-round ratios). Without `--bench` (e.g. `cargo test --benches`) it
 //! does two rounds as a smoke test.
 
 use std::fs::File;
@@ -54,24 +54,27 @@ fn main() {
         }
     }
 
-    let wall = |s: &[Sample]| median(s.iter().map(|x| x.wall.as_secs_f64() * 1e3).collect());
-    let rss = |s: &[Sample]| median(s.iter().map(|x| x.max_rss_kib as f64).collect());
-    let (run_ms, ver_ms) = (wall(&runs), wall(&versions));
-    let (run_kib, ver_kib) = (rss(&runs), rss(&versions));
+    let wall = |s: &Sample| s.wall.as_secs_f64() * 1e3;
+    let rss = |s: &Sample| s.max_rss_kib as f64;
     println!(
-        "{:<22} {:>12} {:>12} {:>8}",
+        "{:<16} {:>12} {:>12} {:>8}",
         "median", "run -e hi", "--version", "ratio"
     );
-    println!(
-        "{:<22} {run_ms:>12.1} {ver_ms:>12.1} {:>8.2}",
-        "wall ms",
-        run_ms / ver_ms
-    );
-    println!(
-        "{:<22} {run_kib:>12.0} {ver_kib:>12.0} {:>8.2}",
-        "peak RSS KiB",
-        run_kib / ver_kib
-    );
+    for (name, f, digits) in [
+        ("wall ms", &wall as &dyn Fn(&Sample) -> f64, 1),
+        ("peak RSS KiB", &rss, 0),
+    ] {
+        let run_med = median(runs.iter().map(f).collect());
+        let ver_med = median(versions.iter().map(f).collect());
+        // The ratio is the median of per-round ratios: each pair ran back to back.
+        let ratio = median(
+            runs.iter()
+                .zip(&versions)
+                .map(|(r, v)| f(r) / f(v))
+                .collect(),
+        );
+        println!("{name:<16} {run_med:>12.digits$} {ver_med:>12.digits$} {ratio:>8.2}");
+    }
 }
 
 /// Runs `exe args` in `home` and measures that one child: wall time from spawn

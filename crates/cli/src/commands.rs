@@ -2,23 +2,24 @@
 
 use std::io::Write as _;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use openpista_agent::{Agent, AgentSession};
+use openpista_gateway::Gateway;
 use openpista_proto::{AgentEvent, SessionId, ToolOutcome};
 use openpista_tools::ToolContext;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::Backend;
 use crate::config::{EXAMPLE, Env, Loaded};
-use crate::{Command, RunArgs, SessionsCommand, ToolsCommand, wiring};
+use crate::{Command, RemoteArgs, RunArgs, SessionsCommand, ToolsCommand, daemon, wiring};
 
 pub async fn dispatch(command: Command, loaded: Loaded, env: Env) -> Result<ExitCode> {
     match command {
         Command::Init { force } => init(&loaded, force),
         Command::Run(args) => run(&loaded, &env, args).await,
-        Command::Repl { session } => repl(&loaded, &env, session).await,
+        Command::Repl { session, remote } => repl(&loaded, &env, session, &remote).await,
+        Command::Start => daemon::start(&loaded, &env).await,
+        Command::Status { remote } => daemon::status(&loaded, &remote).await,
         Command::Models { json } => models(&loaded, json),
         Command::Sessions(cmd) => sessions(&loaded, cmd).await,
         Command::Tools(cmd) => tools(&loaded, &env, cmd).await,
@@ -47,6 +48,11 @@ fn init(loaded: &Loaded, force: bool) -> Result<ExitCode> {
     println!("workspace: {}", p.workspace.display());
     println!("models:    {}", p.models_dir.display());
     println!("database:  {}", p.database.display());
+    openpista_gateway::load_or_create_token(&p.token_file)?;
+    println!(
+        "token:     {} (for `openpista start`)",
+        p.token_file.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -54,21 +60,37 @@ fn parse_session(id: &str) -> Result<SessionId> {
     Ok(SessionId::parse(id)?)
 }
 
+/// The in-process gateway, or the daemon when `--remote` is given.
+async fn backend(loaded: &Loaded, env: &Env, remote: &RemoteArgs) -> Result<Backend> {
+    Ok(match remote.remote {
+        Some(addr) => Backend::Remote(daemon::connect(loaded, remote, addr).await?),
+        None => {
+            let agent = wiring::agent(loaded, env).await?;
+            Backend::Local(Gateway::new(agent, &loaded.config.gateway))
+        }
+    })
+}
+
 async fn run(loaded: &Loaded, env: &Env, args: RunArgs) -> Result<ExitCode> {
     // Check the session before loading a model: a typo should fail fast.
-    if let Some(id) = &args.session
-        && wiring::store(loaded).await?.get_session(id).await?.is_none()
+    if args.remote.remote.is_none()
+        && let Some(id) = &args.session
+        && wiring::store(loaded)
+            .await?
+            .get_session(id)
+            .await?
+            .is_none()
     {
         anyhow::bail!("no session {id}");
     }
-    let agent = wiring::agent(loaded, env).await?;
-    let session = match &args.session {
-        Some(id) => agent.open_session(id).await?,
-        None => agent.create_session("cli").await?,
-    };
-    let ok = turn(&session, &args.text, args.json).await?;
-    if !args.json {
-        eprintln!("[session {}]", session.id());
+    let backend = backend(loaded, env, &args.remote).await?;
+    let outcome = turn(&backend, args.session.as_ref(), &args.text, args.json).await;
+    backend.close().await;
+    let (ok, session) = outcome?;
+    if !args.json
+        && let Some(id) = session.or(args.session)
+    {
+        eprintln!("[session {id}]");
     }
     Ok(if ok {
         ExitCode::SUCCESS
@@ -77,25 +99,45 @@ async fn run(loaded: &Loaded, env: &Env, args: RunArgs) -> Result<ExitCode> {
     })
 }
 
-/// Runs one turn, printing as it streams. Ctrl-C cancels the turn.
-async fn turn(session: &Arc<AgentSession>, text: &str, json: bool) -> Result<bool> {
-    let (tx, mut rx) = mpsc::channel::<AgentEvent>(256);
-    let cancel = CancellationToken::new();
-    let s = session.clone();
-    let owned = text.to_owned();
-    let token = cancel.clone();
-    let mut task = tokio::spawn(async move { s.run_turn(&owned, tx, token).await });
+/// Runs one turn, printing as it streams. Ctrl-C cancels the turn. Returns
+/// whether it ended with `final`, and the session it ran in.
+async fn turn(
+    backend: &Backend,
+    session: Option<&SessionId>,
+    text: &str,
+    json: bool,
+) -> Result<(bool, Option<SessionId>)> {
+    let mut events = backend.send(session, text).await?;
+    let mut current = session.cloned();
+    let mut cancel_asked = false;
     let mut ok = false;
     let mut stdout = std::io::stdout();
     let mut at_line_start = true;
     loop {
         tokio::select! {
-            ev = rx.recv() => {
-                let Some(ev) = ev else { break };
+            ev = events.next() => {
+                let ev = match ev {
+                    None => break,
+                    Some(Ok(ev)) => ev,
+                    Some(Err(e)) => {
+                        if !at_line_start {
+                            println!();
+                            at_line_start = true;
+                        }
+                        eprintln!("error: {e:#}");
+                        break;
+                    }
+                };
                 if json {
                     println!("{}", serde_json::to_string(&ev)?);
                 }
                 match &ev {
+                    AgentEvent::Accepted { session_id, .. } => {
+                        current = Some(session_id.clone());
+                        if cancel_asked {
+                            backend.cancel(session_id).await;
+                        }
+                    }
                     AgentEvent::Final { .. } => ok = true,
                     AgentEvent::Error { message, .. } if !json => eprintln!("\nerror: {message}"),
                     _ => {}
@@ -105,15 +147,17 @@ async fn turn(session: &Arc<AgentSession>, text: &str, json: bool) -> Result<boo
                 }
             }
             _ = tokio::signal::ctrl_c() => {
-                cancel.cancel();
+                cancel_asked = true;
+                if let Some(id) = &current {
+                    backend.cancel(id).await;
+                }
             }
         }
     }
-    let _ = (&mut task).await;
     if !json && !at_line_start {
         println!();
     }
-    Ok(ok)
+    Ok((ok, current))
 }
 
 fn render(ev: &AgentEvent, out: &mut std::io::Stdout, at_line_start: &mut bool) -> Result<()> {
@@ -161,19 +205,31 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-async fn repl(loaded: &Loaded, env: &Env, session: Option<SessionId>) -> Result<ExitCode> {
+async fn repl(
+    loaded: &Loaded,
+    env: &Env,
+    session: Option<SessionId>,
+    remote: &RemoteArgs,
+) -> Result<ExitCode> {
     use rustyline::error::ReadlineError;
-    let agent: Agent = wiring::agent(loaded, env).await?;
+    let backend = backend(loaded, env, remote).await?;
     let mut current = match session {
-        Some(id) => agent.open_session(&id).await?,
-        None => agent.create_session("cli").await?,
+        Some(id) => {
+            backend.check_session(&id).await?;
+            Some(id)
+        }
+        None => backend.new_session().await?,
     };
     let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
     let history = loaded.paths.data_dir.join("repl_history.txt");
     let _ = rl.load_history(&history);
+    let place = remote
+        .remote
+        .map(|addr| format!(" at {addr}"))
+        .unwrap_or_default();
     eprintln!(
-        "openpista repl, session {} (/help for commands, /quit to leave)",
-        current.id()
+        "openpista repl{place}, {} (/help for commands, /quit to leave)",
+        describe(current.as_ref())
     );
     loop {
         let line = tokio::task::block_in_place(|| rl.readline("> "));
@@ -197,41 +253,58 @@ async fn repl(loaded: &Loaded, env: &Env, session: Option<SessionId>) -> Result<
                 "/new             start a new session\n/sessions        list recent sessions\n/session ID      switch to a session\n/quit            leave"
             ),
             ("/new", _) => {
-                current = agent.create_session("cli").await?;
-                eprintln!("new session {}", current.id());
+                current = backend.new_session().await?;
+                eprintln!("new {}", describe(current.as_ref()));
             }
-            ("/sessions", _) => {
-                for s in agent.store().list_sessions(20).await? {
-                    eprintln!(
-                        "{}{} {} {} messages  {}",
-                        if s.id == *current.id() { "*" } else { " " },
-                        s.id,
-                        s.updated_at,
-                        s.message_count,
-                        s.title.unwrap_or_default()
-                    );
-                }
-            }
-            ("/session", id) => match parse_session(id) {
-                Ok(id) => match agent.open_session(&id).await {
-                    Ok(s) => {
-                        current = s;
-                        eprintln!("switched to session {}", current.id());
+            ("/sessions", _) => match backend.sessions(20).await {
+                Ok(list) => {
+                    for s in list {
+                        eprintln!(
+                            "{}{} {} {} messages  {}",
+                            if Some(&s.id) == current.as_ref() {
+                                "*"
+                            } else {
+                                " "
+                            },
+                            s.id,
+                            s.updated_at,
+                            s.message_count,
+                            s.title.unwrap_or_default()
+                        );
                     }
-                    Err(e) => eprintln!("error: {e}"),
+                }
+                Err(e) => eprintln!("error: {e:#}"),
+            },
+            ("/session", id) => match parse_session(id) {
+                Ok(id) => match backend.check_session(&id).await {
+                    Ok(()) => {
+                        eprintln!("switched to session {id}");
+                        current = Some(id);
+                    }
+                    Err(e) => eprintln!("error: {e:#}"),
                 },
                 Err(e) => eprintln!("error: {e}"),
             },
             (cmd, _) if cmd.starts_with('/') => {
                 eprintln!("unknown command {cmd}; /help lists them")
             }
-            _ => {
-                turn(&current, line, false).await?;
-            }
+            _ => match turn(&backend, current.as_ref(), line, false).await {
+                Ok((_, session)) => current = session.or(current),
+                Err(e) => eprintln!("error: {e:#}"),
+            },
         }
     }
     let _ = rl.save_history(&history);
+    backend.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// "session ID", or what happens when there is none yet.
+fn describe(session: Option<&SessionId>) -> String {
+    match session {
+        Some(id) => format!("session {id}"),
+        None => "session (created by your first message)".to_owned(),
+    }
 }
 
 fn models(loaded: &Loaded, json: bool) -> Result<ExitCode> {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use openpista_agent::AgentConfig;
+use openpista_gateway::GatewayConfig;
 use openpista_llm::local::LocalConfig;
 use openpista_llm::openai::OpenAiConfig;
 use openpista_tools::files::FileLimits;
@@ -27,6 +28,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub tools: ToolsConfig,
     pub skills: SkillsConfig,
+    pub gateway: GatewayConfig,
     pub log: LogConfig,
 }
 
@@ -173,6 +175,14 @@ pub struct Paths {
     pub models_dir: PathBuf,
     pub workspace: PathBuf,
     pub database: PathBuf,
+    /// The gateway's shared secret (mode 0600), written by `init`.
+    pub token_file: PathBuf,
+    /// The generated TLS certificate and key.
+    pub tls_dir: PathBuf,
+    /// Holds the running daemon's pid.
+    pub pid_file: PathBuf,
+    /// The running daemon's address and certificate fingerprint (JSON).
+    pub state_file: PathBuf,
 }
 
 /// A loaded configuration with its resolved paths.
@@ -213,6 +223,10 @@ pub fn load(explicit: Option<&Path>, env: &Env) -> Result<Loaded> {
         models_dir: under(&config.paths.models_dir, "models"),
         workspace: under(&config.paths.workspace, "workspace"),
         database: under(&config.paths.database, "openpista.db"),
+        token_file: data_dir.join("token"),
+        tls_dir: data_dir.join("tls"),
+        pid_file: data_dir.join("openpista.pid"),
+        state_file: data_dir.join("daemon.json"),
         data_dir: data_dir.clone(),
         config_file: file,
     };
@@ -251,6 +265,7 @@ fn validate(config: &Config) -> Result<()> {
     if config.llm.provider == ProviderKind::Scripted && config.llm.scripted.file.is_none() {
         bail!("llm.provider = \"scripted\" needs llm.scripted.file");
     }
+    config.gateway.validate()?;
     Ok(())
 }
 
@@ -267,6 +282,7 @@ mod tests {
             AgentConfig::default().max_tool_rounds
         );
         assert_eq!(c.llm.local, LocalConfig::default());
+        assert_eq!(c.gateway, GatewayConfig::default());
     }
 
     #[test]

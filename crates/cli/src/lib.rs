@@ -4,10 +4,13 @@
 //! This is the only crate that reads the environment, installs the tracing
 //! subscriber or decides the process exit code.
 
+mod backend;
 mod commands;
 pub mod config;
+mod daemon;
 mod wiring;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -45,6 +48,15 @@ pub enum Command {
         /// Continue this session.
         #[arg(long, value_parser = session_id)]
         session: Option<SessionId>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Run the gateway daemon in the foreground until SIGTERM or Ctrl-C.
+    Start,
+    /// Ask the running daemon how it is doing.
+    Status {
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// List the GGUF models in the models folder.
     Models {
@@ -71,6 +83,23 @@ pub struct RunArgs {
     /// Print every event as a JSON line on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// How to reach a running daemon.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RemoteArgs {
+    /// Talk to the daemon at this address over QUIC instead of running the agent here.
+    #[arg(long, value_name = "ADDR")]
+    pub remote: Option<SocketAddr>,
+    /// The daemon's token (default: the token file in the data directory).
+    #[arg(long, value_name = "TOKEN", requires = "remote")]
+    pub token: Option<String>,
+    /// The daemon's certificate SHA-256 fingerprint, as printed by `openpista start`
+    /// (default: the one in the local daemon's state file).
+    #[arg(long, value_name = "SHA256", requires = "remote")]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

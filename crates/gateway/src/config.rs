@@ -29,6 +29,9 @@ pub struct GatewayConfig {
     pub cert_path: Option<PathBuf>,
     /// Operator-supplied private key (PEM); required with `cert_path`.
     pub key_path: Option<PathBuf>,
+    /// On SIGTERM or Ctrl-C, how long the daemon lets running turns finish
+    /// before cancelling them (their messages so far are stored either way).
+    pub drain_timeout_secs: u64,
 }
 
 impl Default for GatewayConfig {
@@ -43,6 +46,7 @@ impl Default for GatewayConfig {
             max_queued_turns: 8,
             cert_path: None,
             key_path: None,
+            drain_timeout_secs: 10,
         }
     }
 }

@@ -45,6 +45,9 @@ pub enum GatewayError {
     /// A queue or limit is full. Retry later.
     #[error("limit exceeded: {0}")]
     LimitExceeded(String),
+    /// Another daemon holds the PID file. Stop it first; retrying will not help.
+    #[error("openpista is already running (pid {pid}, {})", path.display())]
+    AlreadyRunning { pid: u32, path: PathBuf },
     /// The gateway is shutting down.
     #[error("the gateway is shutting down")]
     ShuttingDown,
@@ -63,6 +66,7 @@ impl GatewayError {
             | GatewayError::TokenRequired(_)
             | GatewayError::Bind { .. }
             | GatewayError::Io { .. }
+            | GatewayError::AlreadyRunning { .. }
             | GatewayError::Tls(_)
             | GatewayError::InsecurePermissions { .. } => ErrorCode::Internal,
         }

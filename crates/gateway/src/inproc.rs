@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::Metrics;
 use crate::router::ChannelRouter;
 use crate::{GatewayConfig, GatewayError};
 
@@ -69,6 +70,7 @@ struct Inner {
     connections: AtomicU64,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
@@ -83,6 +85,7 @@ impl Gateway {
                 connections: AtomicU64::new(0),
                 tracker: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
+                metrics: Arc::new(Metrics::new()),
             }),
         }
     }
@@ -95,6 +98,16 @@ impl Gateway {
     /// The router of live sessions.
     pub fn router(&self) -> &ChannelRouter {
         &self.inner.router
+    }
+
+    /// The gateway's counters (rendered by [`crate::MetricsServer`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Whether new turns are accepted (false once [`Gateway::shutdown`] began).
+    pub fn is_accepting(&self) -> bool {
+        !self.inner.shutdown.is_cancelled()
     }
 
     /// Starts (or, for a known idempotency key, rejoins) a turn and returns
@@ -148,6 +161,7 @@ impl Gateway {
         let text = req.text.clone();
         let cancel = self.inner.shutdown.child_token();
         let span = tracing::info_span!("turn", session = %slot.session().id());
+        let mut observer = self.inner.metrics.turn_started();
         let task = async move {
             let _closed = CloseOnDrop(log.clone());
             let (tx, mut rx) = mpsc::channel::<AgentEvent>(64);
@@ -157,8 +171,10 @@ impl Gateway {
             };
             let forward = async {
                 while let Some(ev) = rx.recv().await {
+                    observer.observe(&ev);
                     log.push(ev);
                 }
+                drop(observer);
             };
             tokio::join!(turn, forward);
             drop(slot);

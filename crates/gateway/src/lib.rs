@@ -9,25 +9,32 @@
 //!   a bounded queue.
 //! - [`TlsIdentity`]: the generated-once (or operator-supplied) certificate
 //!   and its fingerprint; [`load_or_create_token`] for the shared secret.
+//! - [`run_daemon`]: the daemon loop: PID file, [`DaemonState`] file, and a
+//!   graceful stop (drain turns with a deadline, close connections) when its
+//!   cancellation token fires.
 //!
-//! Not here: the daemon command, PID files, signals and metrics (the CLI's),
-//! and the client side (`openpista-client`).
+//! Not here: signals and the command line (the CLI's), and the client side
+//! (`openpista-client`).
 
 mod auth;
 mod config;
+mod daemon;
 mod error;
 mod inproc;
+mod metrics;
 mod quic;
 mod router;
 mod tls;
 
 pub use auth::load_or_create_token;
 pub use config::GatewayConfig;
+pub use daemon::{DaemonExit, DaemonOptions, DaemonState, run_daemon, running_pid};
 pub use error::GatewayError;
 pub use inproc::{
     DEFAULT_HISTORY_LIMIT, DEFAULT_SESSIONS_LIMIT, Gateway, GatewayStatus, MAX_IDEMPOTENCY_KEY_LEN,
     MAX_LIST_LIMIT, SendRequest, TurnEvents,
 };
+pub use metrics::{MAX_REQUEST_HEAD, Metrics, MetricsConfig, MetricsServer};
 pub use quic::{CLOSE_ERROR, CLOSE_OK, QuicServer};
 pub use router::{ChannelRouter, QueueSlot, Route};
 pub use tls::{CERT_FILE, KEY_FILE, TlsIdentity};

@@ -237,7 +237,10 @@ async fn serve_connection(
         tokio::time::timeout(HELLO_TIMEOUT, read_request(&mut recv, shared.max_frame)).await;
     let hello = match hello {
         Ok(Ok(frame)) => frame,
-        Ok(Err(e)) => return refuse(&conn, send, e.code, e.message).await,
+        Ok(Err(e)) => {
+            shared.gateway.metrics().frame_error(e.code);
+            return refuse(&conn, send, e.code, e.message).await;
+        }
         Err(_) => {
             return refuse(
                 &conn,
@@ -294,6 +297,7 @@ async fn serve_connection(
     let client_name: String = client_name.chars().take(64).collect();
     tracing::info!(client = %client_name, "client authenticated");
     let _counted = shared.gateway.connection_opened();
+    shared.gateway.metrics().quic_connection_accepted();
 
     let streams = Arc::new(Semaphore::new(shared.max_streams));
     let rate = Arc::new(Mutex::new(RateLimit::new(shared.messages_per_minute)));
@@ -351,6 +355,7 @@ async fn serve_stream(
     {
         Ok(Ok(frame)) => frame,
         Ok(Err(e)) => {
+            shared.gateway.metrics().frame_error(e.code);
             let _ = recv.stop(quinn::VarInt::from_u32(CLOSE_ERROR));
             return reply_error(&mut send, e.code, e.message).await;
         }

@@ -411,6 +411,11 @@ async fn bad_bytes_close_only_their_stream() {
     };
     let reply = exchange(conn, &frame::encode(&hello, 4096).unwrap(), true).await;
     assert_eq!(error_code(&reply), ErrorCode::BadRequest);
+    let m = s.h.gateway.metrics();
+    let errors = |code| m.counter("openpista_frame_errors_total", Some(code));
+    assert_eq!(errors("frame_too_large"), 1);
+    assert_eq!(errors("invalid_frame"), 3);
+    assert_eq!(errors("bad_request"), 3);
 
     // The same connection and another one still work.
     let events = client

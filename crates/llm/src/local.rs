@@ -439,7 +439,8 @@ impl Inner {
             if tx.is_closed() {
                 return Ok(());
             }
-            if n_past + 1 >= n_ctx {
+            // The last token's logits would never be sampled: skip its decode.
+            if generated >= max_new || n_past + 1 >= n_ctx {
                 break;
             }
             batch.clear();

@@ -339,4 +339,123 @@ mod tests {
             assert_eq!(d.next::<ServerFrame>().unwrap(), Some(f));
         }
     }
+
+    /// A seeded xorshift64*: deterministic pseudo-random bytes, no dependency.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            self.0 = x;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Feeds `bytes` split at `cuts` into a decoder for `T`; every decoded
+    /// frame must re-encode to bytes that decode to the same frame. Returns
+    /// how many frames decoded. Mirrors `fuzz/fuzz_targets/frame_decoder.rs`.
+    fn check_property<T>(bytes: &[u8], cuts: &[usize], max: usize) -> usize
+    where
+        T: serde::de::DeserializeOwned + Serialize + PartialEq + std::fmt::Debug,
+    {
+        let mut d = FrameDecoder::new(max);
+        let mut decoded = 0;
+        let mut start = 0;
+        let mut ends: Vec<usize> = cuts.iter().map(|c| (*c).min(bytes.len())).collect();
+        ends.sort_unstable();
+        ends.push(bytes.len());
+        for end in ends {
+            d.push(&bytes[start..end]);
+            start = end;
+            loop {
+                match d.next::<T>() {
+                    Ok(Some(frame)) => {
+                        decoded += 1;
+                        let again = encode(&frame, usize::MAX).unwrap();
+                        let mut d2 = FrameDecoder::new(usize::MAX);
+                        d2.push(&again);
+                        assert_eq!(d2.next::<T>().unwrap().as_ref(), Some(&frame));
+                        d2.finish().unwrap();
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        assert_eq!(d.next::<T>(), Err(FrameError::Poisoned), "{e}");
+                        return decoded;
+                    }
+                }
+            }
+        }
+        let _ = d.finish();
+        decoded
+    }
+
+    fn random_input(rng: &mut XorShift, valid: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..1 + rng.below(3) {
+            match rng.below(4) {
+                // Pure noise, sometimes behind a small plausible length.
+                0 => {
+                    let n = rng.below(64);
+                    if rng.below(2) == 0 {
+                        out.extend_from_slice(&(n as u32).to_be_bytes());
+                    }
+                    out.extend((0..n).map(|_| rng.next() as u8));
+                }
+                // A valid frame, whole.
+                1 => out.extend_from_slice(&valid[rng.below(valid.len())]),
+                // A valid frame with a few bytes flipped.
+                _ => {
+                    let mut f = valid[rng.below(valid.len())].clone();
+                    for _ in 0..1 + rng.below(3) {
+                        let i = rng.below(f.len());
+                        f[i] ^= 1 << rng.below(8);
+                    }
+                    out.extend(f);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn random_bytes_never_panic_and_decoded_frames_round_trip() {
+        let mut valid: Vec<Vec<u8>> = [hello(), send("a"), send("héllo \"q\"")]
+            .iter()
+            .map(|f| encode(f, DEFAULT_MAX_FRAME).unwrap())
+            .collect();
+        for f in [
+            ServerFrame::Event(crate::AgentEvent::TextDelta { text: "hi".into() }),
+            ServerFrame::Error {
+                code: ErrorCode::Unauthorized,
+                message: "no".into(),
+            },
+        ] {
+            valid.push(encode(&f, DEFAULT_MAX_FRAME).unwrap());
+        }
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let (mut client_frames, mut server_frames) = (0, 0);
+        for _ in 0..4000 {
+            let bytes = random_input(&mut rng, &valid);
+            let cuts: Vec<usize> = (0..rng.below(4))
+                .map(|_| rng.below(bytes.len() + 1))
+                .collect();
+            let max = if rng.below(8) == 0 {
+                16
+            } else {
+                DEFAULT_MAX_FRAME
+            };
+            client_frames += check_property::<ClientFrame>(&bytes, &cuts, max);
+            server_frames += check_property::<ServerFrame>(&bytes, &cuts, max);
+        }
+        // The generator reaches the decoding paths, not only the error ones.
+        assert!(client_frames > 100, "{client_frames}");
+        assert!(server_frames > 100, "{server_frames}");
+    }
 }
