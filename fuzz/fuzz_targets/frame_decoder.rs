@@ -31,7 +31,11 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     cuts.sort_unstable();
     cuts.push(stream.len());
-    let max = if limit % 4 == 0 { 32 } else { DEFAULT_MAX_FRAME };
+    let max = if limit % 4 == 0 {
+        32
+    } else {
+        DEFAULT_MAX_FRAME
+    };
     check::<ClientFrame>(stream, &cuts, max);
     check::<ServerFrame>(stream, &cuts, max);
 });

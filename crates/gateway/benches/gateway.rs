@@ -238,7 +238,7 @@ fn main() -> anyhow::Result<()> {
         "  peak RSS {} KiB (whole process: server, clients and SQLite in one process)",
         peak_rss_kib()
     );
-    println!("  daemon idle RSS / ready time: not measured here (see docs/BENCHMARKS.md)");
+    println!("  daemon idle RSS / ready time: measured outside this bench (docs/BENCHMARKS.md)");
     if lost {
         bail!("messages were lost");
     }
