@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use openpista_agent::AgentConfig;
-use openpista_gateway::GatewayConfig;
+use openpista_gateway::{GatewayConfig, MetricsConfig};
 use openpista_llm::local::LocalConfig;
 use openpista_llm::openai::OpenAiConfig;
 use openpista_tools::files::FileLimits;
@@ -29,6 +29,7 @@ pub struct Config {
     pub tools: ToolsConfig,
     pub skills: SkillsConfig,
     pub gateway: GatewayConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 

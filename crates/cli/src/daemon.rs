@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use openpista_client::{Client, ClientOptions, Trust};
 use openpista_gateway::{
-    DaemonOptions, DaemonState, Gateway, GatewayError, TlsIdentity, load_or_create_token,
-    run_daemon, running_pid,
+    DaemonOptions, DaemonState, Gateway, GatewayError, MetricsServer, TlsIdentity,
+    load_or_create_token, run_daemon, running_pid,
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -52,8 +52,17 @@ pub async fn start(loaded: &Loaded, env: &Env) -> Result<ExitCode> {
         (Some(cert), Some(key)) => TlsIdentity::from_pem_files(cert, key)?,
         _ => TlsIdentity::load_or_generate(&p.tls_dir)?,
     };
+    let metrics_addr = loaded.config.metrics.validate()?;
     let agent = wiring::agent(loaded, env).await?;
     let gateway = Gateway::new(agent, &cfg);
+    let metrics = match metrics_addr {
+        Some(addr) => {
+            let server = MetricsServer::bind(addr, gateway.clone())?;
+            println!("metrics: http://{}/metrics", server.local_addr());
+            Some(server)
+        }
+        None => None,
+    };
 
     let shutdown = CancellationToken::new();
     // Installed before the server listens, so no signal is missed.
@@ -102,6 +111,9 @@ pub async fn start(loaded: &Loaded, env: &Env) -> Result<ExitCode> {
     })
     .await;
     signals.abort();
+    if let Some(m) = &metrics {
+        m.shutdown(Duration::from_secs(1)).await;
+    }
     let exit = exit?;
     if !exit.drained {
         eprintln!("warning: some turns did not finish storing in time");

@@ -110,6 +110,7 @@ impl Home {
             stderr,
             addr: String::new(),
             fingerprint: String::new(),
+            metrics: String::new(),
         };
         let deadline = Instant::now() + DEADLINE;
         while daemon.addr.is_empty() || daemon.fingerprint.is_empty() {
@@ -124,6 +125,9 @@ impl Home {
             if let Some(f) = line.strip_prefix("fingerprint: ") {
                 daemon.fingerprint = f.trim().into();
             }
+            if let Some(url) = line.strip_prefix("metrics: http://") {
+                daemon.metrics = url.trim().trim_end_matches("/metrics").into();
+            }
         }
         daemon
     }
@@ -136,6 +140,8 @@ struct Daemon {
     stderr: mpsc::Receiver<String>,
     addr: String,
     fingerprint: String,
+    /// `host:port` of the metrics endpoint, when configured.
+    metrics: String,
 }
 
 impl Daemon {
@@ -495,4 +501,57 @@ fn a_public_address_without_a_token_is_refused() {
     assert!(out.stderr.contains("openpista init"), "{out:#?}");
     assert!(!home.pid_file().exists());
     assert!(!home.state_file().exists());
+}
+
+/// GET `path` from a plain HTTP endpoint; returns the whole response.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("read timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut out = String::new();
+    stream.read_to_string(&mut out).expect("read response");
+    out
+}
+
+#[test]
+fn metrics_are_served_on_loopback_when_configured() {
+    let home = Home::new(ECHO_SCRIPT, "127.0.0.1:0");
+    let config = home.path().join("config.toml");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str("\n[metrics]\nbind = \"127.0.0.1:0\"\n");
+    std::fs::write(&config, text).expect("config");
+    let mut daemon = home.start();
+    assert!(
+        !daemon.metrics.is_empty(),
+        "no metrics line: {}",
+        daemon.kill_output()
+    );
+    let metrics = daemon.metrics.clone();
+    assert!(http_get(&metrics, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(&metrics, "/readyz").starts_with("HTTP/1.1 200"));
+    home.ok(&["run", "-e", "count me", "--remote", &daemon.addr]);
+    let body = http_get(&metrics, "/metrics");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("# TYPE openpista_turns"), "{body}");
+    assert!(body.contains("outcome=\"final\"} 1"), "{body}");
+    daemon.signal(libc::SIGTERM);
+    let (status, _out, err) = daemon.wait();
+    assert_eq!(status.code(), Some(0), "{err}");
+
+    // A public metrics address is refused at start.
+    let public = Home::new(ECHO_SCRIPT, "127.0.0.1:0");
+    let config = public.path().join("config.toml");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str("\n[metrics]\nbind = \"0.0.0.0:0\"\n");
+    std::fs::write(&config, text).expect("config");
+    let out = public.run(&["start"]);
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert!(out.stderr.contains("loopback"), "{out:#?}");
 }
