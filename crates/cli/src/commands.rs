@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::config::{EXAMPLE, Env, Loaded};
-use crate::{Command, RemoteArgs, RunArgs, SessionsCommand, ToolsCommand, daemon, wiring};
+use crate::{
+    Command, RemoteArgs, RunArgs, SessionsCommand, SkillsCommand, ToolsCommand, daemon, wiring,
+};
 
 pub async fn dispatch(command: Command, loaded: Loaded, env: Env) -> Result<ExitCode> {
     match command {
@@ -23,6 +25,7 @@ pub async fn dispatch(command: Command, loaded: Loaded, env: Env) -> Result<Exit
         Command::Models { json } => models(&loaded, json),
         Command::Sessions(cmd) => sessions(&loaded, cmd).await,
         Command::Tools(cmd) => tools(&loaded, &env, cmd).await,
+        Command::Skills(cmd) => skills(&loaded, &env, cmd).await,
     }
 }
 
@@ -417,7 +420,7 @@ async fn sessions(loaded: &Loaded, cmd: SessionsCommand) -> Result<ExitCode> {
 }
 
 async fn tools(loaded: &Loaded, env: &Env, cmd: ToolsCommand) -> Result<ExitCode> {
-    let registry = wiring::tools(loaded, env)?;
+    let registry = wiring::tools(loaded, env, wiring::skills(loaded, env))?;
     match cmd {
         ToolsCommand::List { json } => {
             let defs = registry.definitions();
@@ -430,28 +433,126 @@ async fn tools(loaded: &Loaded, env: &Env, cmd: ToolsCommand) -> Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
-        ToolsCommand::Call { name, args } => {
-            let ctx = ToolContext {
-                workspace: loaded.paths.workspace.clone(),
-                cancel: CancellationToken::new(),
-                session_id: None,
-            };
-            let result = registry.call(&name, &args, &ctx).await;
-            println!("{}", result.content);
-            eprintln!(
-                "[{} in {} ms{}]",
-                result.outcome.as_str(),
-                result.duration.as_millis(),
-                result
-                    .exit_code
-                    .map(|c| format!(", exit code {c}"))
-                    .unwrap_or_default()
-            );
-            Ok(if result.outcome == ToolOutcome::Ok {
-                ExitCode::SUCCESS
+        ToolsCommand::Call { name, args } => Ok(call_tool(&registry, loaded, &name, &args).await),
+    }
+}
+
+/// Calls one tool through the registry, prints the result and a status
+/// line, and returns 0 for `ok`, 1 otherwise.
+async fn call_tool(
+    registry: &openpista_tools::ToolRegistry,
+    loaded: &Loaded,
+    name: &str,
+    args: &str,
+) -> ExitCode {
+    let ctx = ToolContext {
+        workspace: loaded.paths.workspace.clone(),
+        cancel: CancellationToken::new(),
+        session_id: None,
+    };
+    let result = registry.call(name, args, &ctx).await;
+    println!("{}", result.content);
+    eprintln!(
+        "[{} in {} ms{}]",
+        result.outcome.as_str(),
+        result.duration.as_millis(),
+        result
+            .exit_code
+            .map(|c| format!(", exit code {c}"))
+            .unwrap_or_default()
+    );
+    if result.outcome == ToolOutcome::Ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn skills(loaded: &Loaded, env: &Env, cmd: SkillsCommand) -> Result<ExitCode> {
+    let catalog = wiring::skills(loaded, env);
+    let set = catalog.current();
+    match cmd {
+        SkillsCommand::List { json } => {
+            if json {
+                let skills: Vec<_> = set
+                    .skills
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "name": s.meta.name,
+                            "description": s.meta.description,
+                            "mode": s.meta.mode.map(|m| m.as_str()),
+                            "dir": s.dir,
+                        })
+                    })
+                    .collect();
+                let errors: Vec<_> = set
+                    .errors
+                    .iter()
+                    .map(|e| serde_json::json!({"path": e.path, "error": e.message}))
+                    .collect();
+                let out = serde_json::json!({"skills": skills, "errors": errors});
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                ExitCode::from(1)
-            })
+                if set.skills.is_empty() {
+                    println!("no skills found");
+                }
+                for s in &set.skills {
+                    println!(
+                        "{:<24} {:<10} {}",
+                        s.meta.name,
+                        s.meta.mode.map_or("-", |m| m.as_str()),
+                        s.meta.description.replace('\n', " ")
+                    );
+                }
+                for e in &set.errors {
+                    println!("invalid: {e}");
+                }
+                let roots: Vec<String> = catalog
+                    .roots()
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect();
+                eprintln!("[searched {}]", roots.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SkillsCommand::Show { name } => {
+            let Some(skill) = set.get(&name) else {
+                eprintln!("error: no skill {name:?} (see `openpista skills list`)");
+                return Ok(ExitCode::from(1));
+            };
+            let m = &skill.meta;
+            println!("name:        {}", m.name);
+            println!("description: {}", m.description);
+            println!("folder:      {}", skill.dir.display());
+            if let Some(mode) = m.mode {
+                println!("mode:        {}", mode.as_str());
+            }
+            if let Some(entry) = &m.entry {
+                println!("entry:       {entry}");
+            }
+            if let Some(image) = &m.image {
+                println!("image:       {image}");
+            }
+            if let Some(t) = m.timeout {
+                println!("timeout:     {t} s");
+            }
+            if let Some(n) = m.network {
+                println!("network:     {n}");
+            }
+            if let Some(args) = &m.args {
+                println!("args:        {args}");
+            }
+            println!("\n{}", skill.body);
+            Ok(ExitCode::SUCCESS)
+        }
+        SkillsCommand::Run { name, args } => {
+            let args: serde_json::Value =
+                serde_json::from_str(&args).context("--args is not valid JSON")?;
+            let registry = wiring::tools(loaded, env, catalog)?;
+            let call = serde_json::json!({"name": name, "args": args}).to_string();
+            Ok(call_tool(&registry, loaded, "skill.run", &call).await)
         }
     }
 }

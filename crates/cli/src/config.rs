@@ -4,6 +4,7 @@
 //! which `openpista init` writes out. Unknown keys are errors that name the
 //! file, line and key. Secrets may come from the environment instead of the
 //! file: `OPENPISTA_API_KEY` (falling back to `OPENAI_API_KEY`).
+//! `OPENPISTA_WORKSPACE` overrides `[paths] workspace`.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ use openpista_agent::AgentConfig;
 use openpista_gateway::{GatewayConfig, MetricsConfig};
 use openpista_llm::local::LocalConfig;
 use openpista_llm::openai::OpenAiConfig;
+use openpista_skills::SkillLimits;
 use openpista_tools::files::FileLimits;
 use openpista_tools::policy::CommandPolicy;
 use serde::Deserialize;
@@ -87,6 +89,8 @@ pub struct SkillsConfig {
     pub dirs: Vec<String>,
     /// Characters of skill names/descriptions allowed in the system prompt.
     pub prompt_budget: usize,
+    /// `[skills.limits]`: timeouts, rlimits and output cap for `skill.run`.
+    pub limits: SkillLimits,
 }
 
 impl Default for SkillsConfig {
@@ -94,6 +98,7 @@ impl Default for SkillsConfig {
         Self {
             dirs: Vec::new(),
             prompt_budget: 2000,
+            limits: SkillLimits::default(),
         }
     }
 }
@@ -124,6 +129,8 @@ pub struct Env {
     pub openpista_home: Option<PathBuf>,
     pub api_key: Option<String>,
     pub path: String,
+    /// `OPENPISTA_WORKSPACE`: the workspace, overriding the config file.
+    pub workspace: Option<PathBuf>,
 }
 
 impl Env {
@@ -135,6 +142,7 @@ impl Env {
             openpista_home: var("OPENPISTA_HOME").map(PathBuf::from),
             api_key: var("OPENPISTA_API_KEY").or_else(|| var("OPENAI_API_KEY")),
             path: var("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".to_owned()),
+            workspace: var("OPENPISTA_WORKSPACE").map(PathBuf::from),
         }
     }
 
@@ -222,7 +230,10 @@ pub fn load(explicit: Option<&Path>, env: &Env) -> Result<Loaded> {
     };
     let paths = Paths {
         models_dir: under(&config.paths.models_dir, "models"),
-        workspace: under(&config.paths.workspace, "workspace"),
+        workspace: match &env.workspace {
+            Some(w) => w.clone(),
+            None => under(&config.paths.workspace, "workspace"),
+        },
         database: under(&config.paths.database, "openpista.db"),
         token_file: data_dir.join("token"),
         tls_dir: data_dir.join("tls"),
@@ -284,6 +295,11 @@ mod tests {
         );
         assert_eq!(c.llm.local, LocalConfig::default());
         assert_eq!(c.gateway, GatewayConfig::default());
+        assert_eq!(c.skills.limits, SkillLimits::default());
+        assert_eq!(
+            c.skills.prompt_budget,
+            SkillsConfig::default().prompt_budget
+        );
     }
 
     #[test]
@@ -320,5 +336,12 @@ mod tests {
         assert_eq!(l.paths.workspace, PathBuf::from("/home/u/ws"));
         assert_eq!(l.paths.database, PathBuf::from("/tmp/op/openpista.db"));
         assert!(load(Some(&dir.path().join("missing.toml")), &env).is_err());
+
+        let env = Env {
+            workspace: Some(PathBuf::from("/elsewhere")),
+            ..env
+        };
+        let l = load(Some(&f), &env).unwrap();
+        assert_eq!(l.paths.workspace, PathBuf::from("/elsewhere"));
     }
 }

@@ -70,6 +70,9 @@ pub enum Command {
     /// List tools or call one through the same policy as the agent.
     #[command(subcommand)]
     Tools(ToolsCommand),
+    /// List, show or run skills (folders with a SKILL.md).
+    #[command(subcommand)]
+    Skills(SkillsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +141,24 @@ pub enum ToolsCommand {
     Call {
         name: String,
         /// Arguments as JSON.
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SkillsCommand {
+    /// The skills found, and the SKILL.md files that are invalid and why.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A skill's front matter and instructions.
+    Show { name: String },
+    /// Run a skill through `skill.run`, exactly as the agent would.
+    Run {
+        name: String,
+        /// The skill's arguments as a JSON object.
         #[arg(long, default_value = "{}")]
         args: String,
     },

@@ -9,7 +9,7 @@ use openpista_llm::local::{LocalProvider, resolve_model};
 use openpista_llm::openai::OpenAiProvider;
 use openpista_llm::scripted::{Script, ScriptedProvider};
 use openpista_memory::Store;
-use openpista_skills::SkillSet;
+use openpista_skills::SkillCatalog;
 use openpista_tools::ToolRegistry;
 
 use crate::config::{Env, Loaded, ProviderKind};
@@ -21,9 +21,10 @@ pub async fn store(loaded: &Loaded) -> Result<Store> {
         .with_context(|| format!("opening the database {}", loaded.paths.database.display()))
 }
 
-/// The built-in tools under the configured policy. Tool processes get a
-/// minimal environment: no secret of ours can reach them.
-pub fn tools(loaded: &Loaded, env: &Env) -> Result<Arc<ToolRegistry>> {
+/// The built-in tools under the configured policy, plus `skill.read` and
+/// `skill.run` over `catalog`. Tool and skill processes get a minimal
+/// environment: no secret of ours can reach them.
+pub fn tools(loaded: &Loaded, env: &Env, catalog: Arc<SkillCatalog>) -> Result<Arc<ToolRegistry>> {
     std::fs::create_dir_all(&loaded.paths.workspace).with_context(|| {
         format!(
             "creating the workspace {}",
@@ -31,19 +32,27 @@ pub fn tools(loaded: &Loaded, env: &Env) -> Result<Arc<ToolRegistry>> {
         )
     })?;
     let child_env = openpista_sandbox::minimal_env(&env.path, &loaded.paths.workspace);
-    let registry = openpista_tools::builtin_registry(
+    let mut registry = openpista_tools::builtin_registry(
         loaded.config.tools.system_run.clone(),
         loaded.config.tools.files,
-        child_env,
+        child_env.clone(),
     )?;
+    for tool in openpista_skills::skill_tools(catalog, child_env, loaded.config.skills.limits) {
+        registry.register(tool)?;
+    }
     Ok(Arc::new(registry))
 }
 
-/// Skills from `<workspace>/skills` and the configured extra folders.
-pub fn skills(loaded: &Loaded, env: &Env) -> SkillSet {
-    let mut roots = vec![loaded.paths.workspace.join("skills")];
+/// Skills from `<workspace>/skills`, the user skills folder
+/// `<config dir>/skills` and the configured extra folders, cached and
+/// reloaded when they change.
+pub fn skills(loaded: &Loaded, env: &Env) -> Arc<SkillCatalog> {
+    let mut roots = vec![
+        loaded.paths.workspace.join("skills"),
+        env.config_dir().join("skills"),
+    ];
     roots.extend(loaded.config.skills.dirs.iter().map(|d| env.expand(d)));
-    openpista_skills::discover(&roots)
+    Arc::new(SkillCatalog::new(roots))
 }
 
 /// The configured model provider. Loading a local model shows progress on stderr.
@@ -98,8 +107,9 @@ pub async fn llm(loaded: &Loaded, env: &Env) -> Result<Arc<dyn LlmProvider>> {
 /// The agent with everything wired in.
 pub async fn agent(loaded: &Loaded, env: &Env) -> Result<Agent> {
     let store = store(loaded).await?;
-    let tools = tools(loaded, env)?;
-    let skills = skills(loaded, env);
+    let catalog = skills(loaded, env);
+    let tools = tools(loaded, env, catalog.clone())?;
+    let skills = catalog.current();
     for e in &skills.errors {
         tracing::warn!(error = %e, "invalid skill skipped");
     }

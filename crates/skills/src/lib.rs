@@ -7,7 +7,18 @@
 //! that goes into the system prompt ([`SkillSet::prompt_context`]). An invalid
 //! `SKILL.md` is reported and skipped, never fatal.
 //!
-//! Running skills (subprocess, Docker, WASM) is not this crate's job.
+//! [`SkillCatalog`] keeps the parsed set cached and reloads it when a
+//! `SKILL.md` under its roots changes. The model reaches skills through two
+//! tools (progressive disclosure): [`SkillRead`] (`skill.read`) returns a
+//! skill's instructions, [`SkillRun`] (`skill.run`) runs a subprocess skill
+//! under operator [`SkillLimits`] via `openpista-sandbox`. Docker and WASM
+//! skills are parsed but not run yet.
+
+mod catalog;
+mod run;
+
+pub use catalog::SkillCatalog;
+pub use run::{SkillLimits, SkillRead, SkillRun, skill_tools};
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +34,17 @@ pub enum SkillMode {
     Subprocess,
     Docker,
     Wasm,
+}
+
+impl SkillMode {
+    /// The name used in `SKILL.md`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkillMode::Subprocess => "subprocess",
+            SkillMode::Docker => "docker",
+            SkillMode::Wasm => "wasm",
+        }
+    }
 }
 
 /// The YAML front matter of a `SKILL.md`.
@@ -146,6 +168,11 @@ pub fn load(path: &Path) -> Result<Skill, SkillError> {
     if meta.description.trim().is_empty() {
         return Err(err("description is empty".into()));
     }
+    if let Some(schema) = &meta.args
+        && let Err(e) = jsonschema::validator_for(schema)
+    {
+        return Err(err(format!("args is not a valid JSON schema: {e}")));
+    }
     Ok(Skill {
         dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
         body: body.trim_start().to_owned(),
@@ -176,7 +203,8 @@ impl SkillSet {
         if self.skills.is_empty() {
             return String::new();
         }
-        let header = "Skills you can use (ask for a skill's full instructions before using it):\n";
+        let header = "Skills you can use (read a skill's full instructions with skill.read before \
+                      using it; run a runnable one with skill.run):\n";
         let mut out = String::from(header);
         let mut left_out = 0;
         for skill in &self.skills {
