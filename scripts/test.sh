@@ -4,6 +4,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 install_build_deps
 fetch_default_model
+install_test_python
 cd "$ROOT"
 export OPENPISTA_TEST_MODELS_DIR="$MODELS_DIR"
 echo "==> cargo fmt --check"
