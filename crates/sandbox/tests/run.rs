@@ -62,7 +62,7 @@ async fn timeout_kills_the_whole_group() {
     assert!(out.timed_out, "{out:?}");
     assert!(!out.cancelled);
     assert_eq!(out.signal, Some(libc::SIGKILL));
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(30));
     let pid = read_pid(&pidfile);
     assert!(
         wait_gone(pid).await,
@@ -99,7 +99,7 @@ async fn cancel_stops_the_run_and_the_group() {
     let out = run(spec, cancel).await.unwrap();
     assert!(out.cancelled, "{out:?}");
     assert!(!out.timed_out);
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(30));
     let pid = read_pid(&dir.path().join("pid"));
     assert!(
         wait_gone(pid).await,
@@ -129,7 +129,7 @@ async fn grandchild_holding_the_pipe_does_not_hang_the_run() {
     let started = Instant::now();
     let out = run(spec, CancellationToken::new()).await.unwrap();
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(30),
         "{:?}",
         started.elapsed()
     );

@@ -96,7 +96,7 @@ async fn timeout_kills_the_whole_group() {
     let r = reg.call("system.run", &args, &ctx(ws.path())).await;
     assert_eq!(r.outcome, ToolOutcome::Timeout, "{}", r.content);
     assert!(r.content.contains("timed out"), "{}", r.content);
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(30));
     let pid = read_pid(&ws.path().join("pid"));
     assert!(
         wait_gone(pid).await,
@@ -117,7 +117,7 @@ async fn timeout_is_capped_by_the_policy() {
     let r = reg.call("system.run", &args, &ctx(ws.path())).await;
     assert_eq!(r.outcome, ToolOutcome::Timeout, "{}", r.content);
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(30),
         "{:?}",
         started.elapsed()
     );
@@ -150,7 +150,7 @@ async fn cancel_stops_the_command_and_its_group() {
         .await;
     watcher.await.unwrap();
     assert_eq!(r.outcome, ToolOutcome::Cancelled, "{}", r.content);
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(30));
     let pid = read_pid(&pidfile);
     assert!(
         wait_gone(pid).await,
