@@ -6,7 +6,13 @@
 //! model's window, never separating a tool call from its result), call the
 //! model, run the tools it asked for (several per round), feed their results
 //! back, and repeat up to `max_tool_rounds`. Every message and tool invocation
-//! is persisted. Turns of one session run one at a time; a running turn can be
+//! is persisted.
+//!
+//! Each turn start and end and each tool call is also appended to the store's
+//! tamper-evident audit trail (actor `agent`; actions `turn_started`,
+//! `tool_call`, `turn_finished`). Tool-call rows hold a SHA-256 of the
+//! arguments, never the arguments themselves, so a secret a model pastes into
+//! a call does not land in the audit trail; neither does message text. Turns of one session run one at a time; a running turn can be
 //! cancelled.
 //!
 //! This crate does not know about channels, QUIC or the CLI.
@@ -22,7 +28,7 @@ use futures::StreamExt;
 use openpista_llm::{
     Assembler, ChatRequest, LlmError, LlmEvent, LlmProvider, Sampling, ToolChoice,
 };
-use openpista_memory::{MemoryError, Store, ToolInvocation};
+use openpista_memory::{AuditEntry, MemoryError, Store, ToolInvocation, sha256_hex};
 use openpista_proto::{
     AgentEvent, ChatMessage, ErrorCode, MessageId, SessionId, ToolOutcome, Usage,
 };
@@ -267,8 +273,32 @@ impl AgentSession {
         let _turn = self.turn_lock.lock().await;
         let cancel = cancel.child_token();
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(cancel.clone());
-        let result = self.turn(text, &events, &cancel).await;
+        let mut audited_start = false;
+        let mut result = self.turn(text, &events, &cancel, &mut audited_start).await;
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if audited_start {
+            let (outcome, llm_calls, tool_calls) = match &result {
+                Ok(o) => ("ok", Some(o.llm_calls), Some(o.tool_calls)),
+                Err(e) => (e.code().as_str(), None, None),
+            };
+            let finished = self
+                .audit(
+                    "turn_finished",
+                    serde_json::json!({
+                        "outcome": outcome,
+                        "llm_calls": llm_calls,
+                        "tool_calls": tool_calls,
+                    }),
+                )
+                .await;
+            // A turn whose end cannot be audited is reported as failed.
+            if let Err(e) = finished {
+                tracing::error!(session = %self.id, error = %e, "cannot audit the end of a turn");
+                if result.is_ok() {
+                    result = Err(e.into());
+                }
+            }
+        }
         let last = match &result {
             Ok(outcome) => AgentEvent::Final {
                 text: outcome.text.clone(),
@@ -288,12 +318,19 @@ impl AgentSession {
         text: &str,
         events: &mpsc::Sender<AgentEvent>,
         cancel: &CancellationToken,
+        audited_start: &mut bool,
     ) -> Result<TurnOutcome, AgentError> {
         let sh = &self.shared;
         let user_message_id = sh
             .store
             .append_message(&self.id, &ChatMessage::user(text), None)
             .await?;
+        self.audit(
+            "turn_started",
+            serde_json::json!({ "user_message_id": user_message_id.0 }),
+        )
+        .await?;
+        *audited_start = true;
         let _ = events
             .send(AgentEvent::Accepted {
                 session_id: self.id.clone(),
@@ -545,12 +582,37 @@ impl AgentSession {
             for mut inv in invocations {
                 inv.message_id = ids.first().copied();
                 sh.store.record_tool_invocation(&inv).await?;
+                self.audit(
+                    "tool_call",
+                    serde_json::json!({
+                        "tool": inv.tool_name,
+                        "call_id": inv.call_id,
+                        "outcome": inv.outcome.as_str(),
+                        "exit_code": inv.exit_code,
+                        "duration_ms": inv.duration_ms,
+                        "args_sha256": sha256_hex(inv.args.as_bytes()),
+                    }),
+                )
+                .await?;
             }
             if was_cancelled || cancel.is_cancelled() {
                 return Err(AgentError::Cancelled);
             }
         }
         Err(AgentError::MaxRounds(sh.config.max_tool_rounds))
+    }
+
+    /// Appends an audit row for this session, acted by the agent.
+    async fn audit(&self, action: &str, detail: serde_json::Value) -> Result<i64, MemoryError> {
+        self.shared
+            .store
+            .append_audit(&AuditEntry {
+                session_id: Some(self.id.clone()),
+                actor: "agent".to_owned(),
+                action: action.to_owned(),
+                detail,
+            })
+            .await
     }
 
     fn system_prompt(&self) -> String {

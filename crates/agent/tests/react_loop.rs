@@ -218,6 +218,34 @@ async fn several_rounds_with_several_calls_per_round() {
     assert_eq!(inv.len(), 3);
     assert!(inv.iter().all(|i| i.outcome == ToolOutcome::Ok));
     assert_eq!(inv[2].result, "echo 3");
+
+    // The audit trail holds the turn's start, each call and its end, chained.
+    let audit = h.store.audit(100, Some(session.id())).await.unwrap();
+    let actions: Vec<&str> = audit.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "turn_started",
+            "tool_call",
+            "tool_call",
+            "tool_call",
+            "turn_finished"
+        ]
+    );
+    assert!(audit.iter().all(|r| r.actor == "agent"));
+    let call = &audit[1].detail;
+    assert_eq!(call["tool"], "test.echo");
+    assert_eq!(call["call_id"], inv[0].call_id.as_str());
+    assert_eq!(call["outcome"], "ok");
+    assert_eq!(
+        call["args_sha256"],
+        openpista_memory::sha256_hex(inv[0].args.as_bytes()).as_str()
+    );
+    // The arguments themselves are not in the audit trail.
+    assert!(call.get("args").is_none(), "{call}");
+    assert_eq!(audit[4].detail["outcome"], "ok");
+    assert_eq!(audit[4].detail["tool_calls"], 3);
+    assert!(h.store.verify_audit().await.unwrap().is_intact());
 }
 
 #[tokio::test]
@@ -323,6 +351,13 @@ async fn tool_errors_are_fed_back_not_fatal() {
     let fed_back: Vec<_> = second.iter().filter(|m| m.role == Role::Tool).collect();
     assert_eq!(fed_back.len(), 5);
     assert!(fed_back.iter().all(|m| m.content.starts_with("error:")));
+
+    // Failed calls are audited too, with their outcome.
+    let audit = h.store.audit(100, Some(session.id())).await.unwrap();
+    let calls: Vec<_> = audit.iter().filter(|r| r.action == "tool_call").collect();
+    assert_eq!(calls.len(), 5);
+    assert!(calls.iter().all(|r| r.detail["outcome"] == "error"));
+    assert_eq!(calls[1].detail["tool"], "no.such.tool");
 }
 
 #[tokio::test]
@@ -373,6 +408,15 @@ async fn a_running_turn_can_be_cancelled() {
         "later calls do not run"
     );
     assert!(!session.cancel(), "nothing is running now");
+    let audit = h.store.audit(100, Some(session.id())).await.unwrap();
+    let last = audit.last().unwrap();
+    assert_eq!(last.action, "turn_finished");
+    assert_eq!(last.detail["outcome"], "cancelled");
+    assert_eq!(
+        audit.iter().filter(|r| r.action == "tool_call").count(),
+        2,
+        "cancelled calls are audited"
+    );
 
     // Cancel while the model streams, through the caller's token.
     let (tx, mut rx) = mpsc::channel(64);

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Backend;
 use crate::config::{EXAMPLE, Env, Loaded};
 use crate::{
-    Command, RemoteArgs, RunArgs, SessionsCommand, SkillsCommand, ToolsCommand, daemon, wiring,
+    AuditArgs, Command, RemoteArgs, RunArgs, SessionsCommand, SkillsCommand, ToolsCommand, daemon,
+    wiring,
 };
 
 pub async fn dispatch(command: Command, loaded: Loaded, env: Env) -> Result<ExitCode> {
@@ -26,7 +27,63 @@ pub async fn dispatch(command: Command, loaded: Loaded, env: Env) -> Result<Exit
         Command::Sessions(cmd) => sessions(&loaded, cmd).await,
         Command::Tools(cmd) => tools(&loaded, &env, cmd).await,
         Command::Skills(cmd) => skills(&loaded, &env, cmd).await,
+        Command::Audit(args) => audit(&loaded, args).await,
     }
+}
+
+/// Lists or verifies the audit trail. `--verify` exits 1 when the chain is
+/// broken; it cannot see a chain rewritten together with its head, so the
+/// head hash is printed for recording elsewhere.
+async fn audit(loaded: &Loaded, args: AuditArgs) -> Result<ExitCode> {
+    let store = wiring::store(loaded).await?;
+    if args.verify {
+        let report = store.verify_audit().await?;
+        return Ok(match report.first_bad {
+            None => {
+                println!(
+                    "audit trail intact: {} rows, head {}",
+                    report.rows, report.head_hash
+                );
+                ExitCode::SUCCESS
+            }
+            Some((seq, reason)) => {
+                println!("audit trail BROKEN at seq {seq}: {reason}");
+                eprintln!("error: the audit trail fails verification at seq {seq}");
+                ExitCode::from(1)
+            }
+        });
+    }
+    let rows = store
+        .audit(args.limit as usize, args.session.as_ref())
+        .await?;
+    if args.json {
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "seq": r.seq, "at": r.at.to_rfc3339(), "session_id": r.session_id,
+                    "actor": r.actor, "action": r.action, "detail": r.detail,
+                    "prev_hash": r.prev_hash, "hash": r.hash,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if rows.is_empty() {
+        println!("no audit rows yet");
+    } else {
+        for r in rows {
+            println!(
+                "{:>6}  {}  {}  {:<6} {:<14} {}",
+                r.seq,
+                r.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+                r.session_id.as_ref().map(|s| s.as_str()).unwrap_or("-"),
+                r.actor,
+                r.action,
+                r.detail
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init(loaded: &Loaded, force: bool) -> Result<ExitCode> {

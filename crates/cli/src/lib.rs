@@ -73,6 +73,25 @@ pub enum Command {
     /// List, show or run skills (folders with a SKILL.md).
     #[command(subcommand)]
     Skills(SkillsCommand),
+    /// Show or verify the tamper-evident audit trail.
+    Audit(AuditArgs),
+}
+
+/// `openpista audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Recompute the hash chain; exit 1 naming the first bad row if it is broken.
+    #[arg(long, conflicts_with_all = ["limit", "session", "json"])]
+    pub verify: bool,
+    /// Show at most this many rows (the newest).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Only rows of this session.
+    #[arg(long, value_parser = session_id)]
+    pub session: Option<SessionId>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

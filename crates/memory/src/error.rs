@@ -115,6 +115,14 @@ pub enum MemoryError {
         source: serde_json::Error,
     },
 
+    /// The audit trail's head record (`audit_head`) is missing, so no row can
+    /// be chained onto it.
+    ///
+    /// Cause: the database was edited outside openpista. Retrying does not
+    /// help; run `openpista audit --verify` and investigate.
+    #[error("the audit trail head is missing; the audit tables were edited outside openpista")]
+    AuditHeadMissing,
+
     /// Any other SQLite or pool failure: I/O errors, a full disk, a file that
     /// cannot be opened, a closed pool.
     ///

@@ -10,6 +10,7 @@
 //! This crate is storage only: it does not decide what to remember, trim
 //! histories, read the environment or know about channels beyond a name.
 
+mod audit;
 mod error;
 mod invocations;
 mod messages;
@@ -18,6 +19,7 @@ mod store;
 
 use std::path::{Path, PathBuf, is_separator};
 
+pub use audit::{AuditEntry, AuditRecord, AuditReport, GENESIS_HASH, sha256_hex};
 pub use error::MemoryError;
 pub use invocations::ToolInvocation;
 pub use messages::StoredMessage;
