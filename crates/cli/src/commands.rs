@@ -28,6 +28,7 @@ pub async fn dispatch(command: Command, loaded: Loaded, env: Env) -> Result<Exit
         Command::Tools(cmd) => tools(&loaded, &env, cmd).await,
         Command::Skills(cmd) => skills(&loaded, &env, cmd).await,
         Command::Audit(args) => audit(&loaded, args).await,
+        Command::Cron(cmd) => crate::cron::cron(&loaded, &env, cmd).await,
     }
 }
 

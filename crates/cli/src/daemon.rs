@@ -99,6 +99,7 @@ pub async fn start(loaded: &Loaded, env: &Env) -> Result<ExitCode> {
         state_file: p.state_file.clone(),
         drain_deadline: drain,
         shutdown,
+        cron: true,
     };
     let state_file = p.state_file.clone();
     let exit = run_daemon(opts, |state| {

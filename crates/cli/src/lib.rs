@@ -7,6 +7,7 @@
 mod backend;
 mod commands;
 pub mod config;
+mod cron;
 mod daemon;
 mod wiring;
 
@@ -75,6 +76,53 @@ pub enum Command {
     Skills(SkillsCommand),
     /// Show or verify the tamper-evident audit trail.
     Audit(AuditArgs),
+    /// Scheduled prompts (run by `openpista start`).
+    #[command(subcommand)]
+    Cron(CronCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CronCommand {
+    /// Add a job: EXPR is 5 cron fields, or 6 with seconds first.
+    Add {
+        /// The cron expression, e.g. "0 9 * * 1-5" or "*/30 * * * * *".
+        expr: String,
+        /// IANA time zone the expression is read in.
+        #[arg(long, default_value = "UTC")]
+        tz: String,
+        /// Where the answer goes: session:<id> or telegram:<chat> (stored in the
+        /// session telegram-<chat> until the Telegram adapter exists).
+        #[arg(long = "to", value_name = "TARGET")]
+        to: String,
+        /// Pause the job after this many failed runs in a row.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        max_failures: u32,
+        /// Occurrences missed while the daemon was down: skip them, or run the latest once.
+        #[arg(long, value_enum, default_value = "skip")]
+        missed: MissedArg,
+        /// The prompt sent at each occurrence.
+        prompt: String,
+    },
+    /// Every job.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a job and its runs.
+    Rm { id: i64 },
+    /// Run a job now, through the same path as the scheduler (records a run).
+    Run { id: i64 },
+    /// Stop running a job until it is resumed.
+    Pause { id: i64 },
+    /// Run a paused job again (clears its failure count).
+    Resume { id: i64 },
+}
+
+/// `cron add --missed`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MissedArg {
+    Skip,
+    RunOnce,
 }
 
 /// `openpista audit`.

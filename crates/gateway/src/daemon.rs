@@ -3,8 +3,9 @@
 //!
 //! [`run_daemon`] takes the PID file (refusing if a live daemon holds it,
 //! recovering a stale one), binds the server, writes [`DaemonState`] (the
-//! bound address and certificate fingerprint) and waits for its shutdown
-//! token. Then it lets running turns finish for the drain deadline, cancels
+//! bound address and certificate fingerprint), starts the cron scheduler
+//! and waits for its shutdown token. The scheduler stops first (its running
+//! jobs share the drain deadline). Then it lets running turns finish for the drain deadline, cancels
 //! the rest (their messages so far are stored), closes every connection with
 //! `shutting_down`, and removes both files. Signals are the caller's (the
 //! CLI maps SIGTERM and Ctrl-C to the token).
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Gateway, GatewayConfig, GatewayError, QuicServer, TlsIdentity};
+use crate::{CronScheduler, Gateway, GatewayConfig, GatewayError, QuicServer, TlsIdentity};
 
 /// How long cancelled turns get to store what they have, after the drain deadline.
 const PERSIST_GRACE: Duration = Duration::from_secs(5);
@@ -49,6 +50,8 @@ pub struct DaemonOptions {
     pub drain_deadline: Duration,
     /// Cancel to stop the daemon.
     pub shutdown: CancellationToken,
+    /// Run the [`crate::CronScheduler`] over the gateway's store.
+    pub cron: bool,
 }
 
 impl std::fmt::Debug for DaemonOptions {
@@ -154,6 +157,7 @@ pub async fn run_daemon(
         state_file,
         drain_deadline,
         shutdown,
+        cron,
     } = opts;
     let pid = PidFile::acquire(&pid_file)?;
     let server = QuicServer::bind(gateway.clone(), &config, identity, token)?;
@@ -165,9 +169,15 @@ pub async fn run_daemon(
     };
     let _state_guard = RemoveOnDrop(state_file.clone());
     state.write(&state_file)?;
+    let scheduler = cron.then(|| CronScheduler::start(gateway.clone(), shutdown.child_token()));
     on_ready(&state);
 
     shutdown.cancelled().await;
+    if let Some(scheduler) = &scheduler
+        && !scheduler.stop(drain_deadline).await
+    {
+        tracing::warn!("some cron runs were still going at the drain deadline");
+    }
     tracing::info!(
         running_turns = gateway.status().running_turns,
         "shutting down"

@@ -18,6 +18,7 @@
 
 mod auth;
 mod config;
+mod cron;
 mod daemon;
 mod error;
 mod inproc;
@@ -28,6 +29,10 @@ mod tls;
 
 pub use auth::load_or_create_token;
 pub use config::GatewayConfig;
+pub use cron::{
+    CRON_CHANNEL, CronError, CronScheduler, RELOAD_INTERVAL, RunReport, Schedule, Target,
+    run_occurrence, validate as validate_cron,
+};
 pub use daemon::{DaemonExit, DaemonOptions, DaemonState, run_daemon, running_pid};
 pub use error::GatewayError;
 pub use inproc::{

@@ -1,5 +1,5 @@
-//! Durable memory for openpista: sessions, their messages and the tools they
-//! ran, in one SQLite file.
+//! Durable memory for openpista: sessions, their messages, the tools they
+//! ran, the audit trail and cron jobs, in one SQLite file.
 //!
 //! Every turn is written here as it happens, so a restarted process (or a
 //! crashed one) picks the conversation up where it was. Writes that belong
@@ -11,6 +11,7 @@
 //! histories, read the environment or know about channels beyond a name.
 
 mod audit;
+mod cron;
 mod error;
 mod invocations;
 mod messages;
@@ -20,6 +21,7 @@ mod store;
 use std::path::{Path, PathBuf, is_separator};
 
 pub use audit::{AuditEntry, AuditRecord, AuditReport, GENESIS_HASH, sha256_hex};
+pub use cron::{CronJob, CronRun, FinishedRun, MissedPolicy, NewCronJob, RunOutcome, RunTrigger};
 pub use error::MemoryError;
 pub use invocations::ToolInvocation;
 pub use messages::StoredMessage;
