@@ -1,6 +1,97 @@
 //! Channel adapters: where messages come from and replies go back to
-//! (Telegram, the CLI). Channels never depend on the agent or the gateway.
+//! (Telegram for now). Channels never depend on the agent or the gateway: an
+//! adapter turns a platform's updates into [`Inbound`] messages, hands them to
+//! an [`InboundHandler`] (the gateway bridge, in `openpista-gateway`), and
+//! sends the handler's answer back to the conversation the message came from,
+//! and only there, through its cloneable reply handle.
 //!
-//! Status: the `ChannelAdapter` trait and the Telegram adapter arrive with the
-//! channels milestone (see ROADMAP.md). Until then the CLI talks to
-//! `openpista-agent` directly.
+//! Not here: sessions, models, turns (the gateway's and the agent's).
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+pub mod telegram;
+pub mod text;
+
+pub use telegram::{TelegramAdapter, TelegramConfig, TelegramReplier};
+
+/// One message from a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    /// The channel's name (`telegram`).
+    pub channel: String,
+    /// The conversation (a private chat id); replies go here.
+    pub conversation: String,
+    /// The sender's platform id.
+    pub user: String,
+    /// What was asked.
+    pub kind: InboundKind,
+}
+
+/// What an [`Inbound`] message asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundKind {
+    /// Plain text for the agent.
+    Text(String),
+    /// Start a fresh session in this conversation (`/new`).
+    NewSession,
+    /// Cancel the running turn (`/cancel`).
+    Cancel,
+    /// Report the gateway's status (`/status`).
+    Status,
+}
+
+/// One reply to a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// The conversation to answer (from [`Inbound::conversation`]).
+    pub conversation: String,
+    /// Plain text; the adapter escapes and splits it.
+    pub text: String,
+}
+
+/// What handles inbound messages (the gateway bridge). Answers with the
+/// plain text to send back.
+#[async_trait]
+pub trait InboundHandler: Send + Sync {
+    /// Handles one message and returns the reply text.
+    async fn handle(&self, inbound: Inbound) -> String;
+}
+
+/// A channel adapter: runs until `shutdown` fires, feeding messages to the
+/// handler; never returns early because the platform misbehaves.
+#[async_trait]
+pub trait ChannelAdapter: Send + Sync {
+    /// The handle that sends replies back into this channel.
+    type Replier: Clone + Send + Sync;
+
+    /// The channel's name (`telegram`).
+    fn name(&self) -> &'static str;
+
+    /// A cloneable handle sending [`Outbound`] replies into this channel.
+    fn replier(&self) -> Self::Replier;
+
+    /// Polls the platform and feeds the handler until `shutdown`.
+    async fn run(
+        &self,
+        handler: std::sync::Arc<dyn InboundHandler>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ChannelError>;
+}
+
+/// Why a channel operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The configured API URL does not parse; fix the config (no retry helps).
+    #[error("invalid api url {0:?}")]
+    InvalidApiUrl(String),
+    /// The conversation id is not one this channel uses; a bug or a forged id.
+    #[error("invalid conversation id {0:?}")]
+    InvalidConversation(String),
+    /// The platform kept failing after every retry; a later attempt may work.
+    #[error("{channel} request failed after retries: {message}")]
+    Platform {
+        channel: &'static str,
+        message: String,
+    },
+}

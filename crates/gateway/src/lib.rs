@@ -9,6 +9,8 @@
 //!   a bounded queue.
 //! - [`TlsIdentity`]: the generated-once (or operator-supplied) certificate
 //!   and its fingerprint; [`load_or_create_token`] for the shared secret.
+//! - [`GatewayBridge`]: feeds channel adapters (`openpista-channels`) into the
+//!   gateway, one stable session per conversation.
 //! - [`run_daemon`]: the daemon loop: PID file, [`DaemonState`] file, and a
 //!   graceful stop (drain turns with a deadline, close connections) when its
 //!   cancellation token fires.
@@ -17,6 +19,7 @@
 //! (`openpista-client`).
 
 mod auth;
+mod channels;
 mod config;
 mod cron;
 mod daemon;
@@ -28,6 +31,7 @@ mod router;
 mod tls;
 
 pub use auth::load_or_create_token;
+pub use channels::GatewayBridge;
 pub use config::GatewayConfig;
 pub use cron::{
     CRON_CHANNEL, CronError, CronScheduler, RELOAD_INTERVAL, RunReport, Schedule, Target,

@@ -241,7 +241,7 @@ impl Drop for FakeOpenAi {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -259,12 +259,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// A parsed HTTP/1.1 request.
-struct Incoming {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    close: bool,
+pub(crate) struct Incoming {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
+    pub(crate) close: bool,
 }
 
 async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
@@ -278,7 +278,10 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<Incoming>> {
+pub(crate) async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<Incoming>> {
     let head_end = loop {
         if let Some(pos) = find(buf, b"\r\n\r\n") {
             break pos;
@@ -564,7 +567,7 @@ async fn write_status(
     write_full(stream, code, "application/json", &extra, body.as_bytes()).await
 }
 
-async fn write_full(
+pub(crate) async fn write_full(
     stream: &mut TcpStream,
     code: u16,
     content_type: &str,
