@@ -7,7 +7,9 @@
 //! tests wait for (with a deadline). A guard kills any daemon still running
 //! when a test ends, pass or fail.
 
-use std::io::{BufRead as _, BufReader};
+mod common;
+use common::{DEADLINE, Out, drain, line_reader, wait_deadline, wait_output};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -22,17 +24,8 @@ const ECHO_SCRIPT: &str = "on_exhausted = \"echo\"\n";
 /// A reply that takes about 10 s to stream.
 const SLOW_SCRIPT: &str = "[[reply]]\ntext = \"a slow and rather long answer that streams for quite a while\"\nchunk_chars = 1\ndelay_ms = 150\n";
 
-const DEADLINE: Duration = Duration::from_secs(60);
-
 struct Home {
     dir: TempDir,
-}
-
-#[derive(Debug)]
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
 }
 
 impl Home {
@@ -199,54 +192,6 @@ fn rest(lines: &mpsc::Receiver<String>) -> String {
             Err(mpsc::RecvTimeoutError::Disconnected) => return out.join("\n"),
             Err(mpsc::RecvTimeoutError::Timeout) => panic!("a pipe stayed open: {out:#?}"),
         }
-    }
-}
-
-fn line_reader(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        if let Some(mut p) = pipe {
-            let _ = p.read_to_end(&mut bytes);
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
-}
-
-fn wait_deadline(child: &mut Child, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("openpista did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_output(mut child: Child) -> Out {
-    let stdout = drain(child.stdout.take());
-    let stderr = drain(child.stderr.take());
-    let status = wait_deadline(&mut child, DEADLINE);
-    Out {
-        code: status.code(),
-        stdout: stdout.join().expect("stdout reader"),
-        stderr: stderr.join().expect("stderr reader"),
     }
 }
 

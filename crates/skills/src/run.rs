@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use openpista_proto::{ToolDefinition, ToolOutcome};
+use openpista_proto::ToolDefinition;
 use openpista_sandbox::{CommandSpec, ResourceLimits};
-use openpista_tools::system_run::{DEFAULT_PATH, render};
+use openpista_tools::system_run::{DEFAULT_PATH, run_to_output};
 use openpista_tools::{Tool, ToolContext, ToolError, ToolOutput};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -275,24 +275,7 @@ impl Tool for SkillRun {
         spec.limits = self.limits.resource_limits();
 
         tracing::debug!(skill = %name, ?timeout, "skill.run");
-        let out = openpista_sandbox::run(spec, ctx.cancel.clone())
-            .await
-            .map_err(|e| ToolError::Failed(e.to_string()))?;
-        if out.cancelled {
-            return Err(ToolError::Cancelled);
-        }
-        if out.timed_out {
-            return Err(ToolError::Timeout(timeout));
-        }
-        Ok(ToolOutput {
-            content: render(&out, self.limits.output_limit),
-            exit_code: out.exit_code,
-            outcome: if out.exit_code == Some(0) {
-                ToolOutcome::Ok
-            } else {
-                ToolOutcome::Error
-            },
-        })
+        run_to_output(spec, ctx, self.limits.output_limit).await
     }
 }
 

@@ -170,25 +170,38 @@ impl Tool for SystemRun {
         spec.limits = self.limits;
 
         tracing::debug!(command = %args.command, ?timeout, "system.run");
-        let out = openpista_sandbox::run(spec, ctx.cancel.clone())
-            .await
-            .map_err(|e| ToolError::Failed(e.to_string()))?;
-        if out.cancelled {
-            return Err(ToolError::Cancelled);
-        }
-        if out.timed_out {
-            return Err(ToolError::Timeout(timeout));
-        }
-        Ok(ToolOutput {
-            content: render(&out, self.policy.output_limit),
-            exit_code: out.exit_code,
-            outcome: if out.exit_code == Some(0) {
-                ToolOutcome::Ok
-            } else {
-                ToolOutcome::Error
-            },
-        })
+        run_to_output(spec, ctx, self.policy.output_limit).await
     }
+}
+
+/// Runs `spec` in the sandbox and turns the result into a tool result: a
+/// cancel or timeout is an error, a non-zero exit an `Error` outcome with its
+/// code, and the output is rendered with at most `output_limit` characters.
+/// Shared by every tool that runs a process.
+pub async fn run_to_output(
+    spec: CommandSpec,
+    ctx: &ToolContext,
+    output_limit: usize,
+) -> Result<ToolOutput, ToolError> {
+    let timeout = spec.timeout;
+    let out = openpista_sandbox::run(spec, ctx.cancel.clone())
+        .await
+        .map_err(|e| ToolError::Failed(e.to_string()))?;
+    if out.cancelled {
+        return Err(ToolError::Cancelled);
+    }
+    if out.timed_out {
+        return Err(ToolError::Timeout(timeout));
+    }
+    Ok(ToolOutput {
+        content: render(&out, output_limit),
+        exit_code: out.exit_code,
+        outcome: if out.exit_code == Some(0) {
+            ToolOutcome::Ok
+        } else {
+            ToolOutcome::Error
+        },
+    })
 }
 
 /// Finds `name` in the absolute directories of `path_var` that are not inside
