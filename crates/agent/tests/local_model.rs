@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use openpista_agent::{Agent, AgentConfig, AgentParts};
-use openpista_llm::local::{DEFAULT_MODEL, FETCH_HINT, LocalConfig, LocalProvider};
+use openpista_llm::local::{LocalConfig, LocalProvider};
 use openpista_memory::Store;
 use openpista_proto::{AgentEvent, Role, ToolOutcome};
 use openpista_tools::files::FileLimits;
@@ -15,20 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 fn model_path() -> PathBuf {
-    let dir = std::env::var_os("OPENPISTA_TEST_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".local/share/openpista/models")
-        });
-    let path = dir.join(DEFAULT_MODEL);
-    assert!(
-        path.is_file(),
-        "the real model is missing at {}: run `bash scripts/test.sh`, or\n{}",
-        path.display(),
-        FETCH_HINT.replace("MODELS_DIR", &dir.display().to_string())
-    );
-    path
+    openpista_testkit::real_model_path()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

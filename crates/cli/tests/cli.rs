@@ -189,24 +189,7 @@ fn assert_no_panic(out: &Out) {
 
 /// The real default model, or a failure that says how to fetch it.
 fn real_model() -> PathBuf {
-    let candidates = [
-        std::env::var_os("OPENPISTA_TEST_MODELS_DIR").map(|d| PathBuf::from(d).join(MODEL_FILE)),
-        std::env::var_os("HOME").map(|h| {
-            PathBuf::from(h)
-                .join(".local/share/openpista/models")
-                .join(MODEL_FILE)
-        }),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "the test model {MODEL_FILE} is missing (looked in $OPENPISTA_TEST_MODELS_DIR and \
-                 ~/.local/share/openpista/models); run `bash scripts/test.sh` to fetch it"
-            )
-        })
+    openpista_testkit::real_model_path()
 }
 
 // ---------------------------------------------------------------- run -e

