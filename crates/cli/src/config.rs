@@ -13,6 +13,7 @@ use openpista_agent::AgentConfig;
 use openpista_gateway::{GatewayConfig, MetricsConfig};
 use openpista_llm::local::LocalConfig;
 use openpista_llm::openai::OpenAiConfig;
+use openpista_sandbox::docker::DockerConfig;
 use openpista_skills::SkillLimits;
 use openpista_tools::files::FileLimits;
 use openpista_tools::policy::CommandPolicy;
@@ -30,6 +31,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub tools: ToolsConfig,
     pub skills: SkillsConfig,
+    pub sandbox: SandboxConfig,
     pub gateway: GatewayConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -101,6 +103,15 @@ impl Default for SkillsConfig {
             limits: SkillLimits::default(),
         }
     }
+}
+
+/// `[sandbox]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// `[sandbox.docker]`: containers for `container.run`, `system.run` with
+    /// `sandbox = "docker"` and `mode: docker` skills.
+    pub docker: DockerConfig,
 }
 
 /// Log output format.
@@ -277,6 +288,16 @@ fn validate(config: &Config) -> Result<()> {
     if config.llm.provider == ProviderKind::Scripted && config.llm.scripted.file.is_none() {
         bail!("llm.provider = \"scripted\" needs llm.scripted.file");
     }
+    let d = &config.sandbox.docker;
+    if d.enabled && d.image.trim().is_empty() {
+        bail!("sandbox.docker.image must name an image");
+    }
+    if !(d.cpus.is_finite() && d.cpus >= 0.0) {
+        bail!(
+            "sandbox.docker.cpus must be 0 (no quota) or more, got {}",
+            d.cpus
+        );
+    }
     config.gateway.validate()?;
     Ok(())
 }
@@ -296,6 +317,8 @@ mod tests {
         assert_eq!(c.llm.local, LocalConfig::default());
         assert_eq!(c.gateway, GatewayConfig::default());
         assert_eq!(c.skills.limits, SkillLimits::default());
+        assert_eq!(c.sandbox.docker, DockerConfig::default());
+        assert_eq!(c.tools.system_run, CommandPolicy::default());
         assert_eq!(
             c.skills.prompt_budget,
             SkillsConfig::default().prompt_budget

@@ -11,6 +11,8 @@ use openpista_llm::scripted::{Script, ScriptedProvider};
 use openpista_memory::Store;
 use openpista_skills::SkillCatalog;
 use openpista_tools::ToolRegistry;
+use openpista_tools::container::{ContainerRun, DockerRunner};
+use openpista_tools::system_run::SystemRun;
 
 use crate::config::{Env, Loaded, ProviderKind};
 
@@ -21,8 +23,9 @@ pub async fn store(loaded: &Loaded) -> Result<Store> {
         .with_context(|| format!("opening the database {}", loaded.paths.database.display()))
 }
 
-/// The built-in tools under the configured policy, plus `skill.read` and
-/// `skill.run` over `catalog`. Tool and skill processes get a minimal
+/// The built-in tools under the configured policy, `container.run` when
+/// `[sandbox.docker]` is enabled, plus `skill.read` and `skill.run` over
+/// `catalog`. Tool and skill processes get a minimal
 /// environment: no secret of ours can reach them.
 pub fn tools(loaded: &Loaded, env: &Env, catalog: Arc<SkillCatalog>) -> Result<Arc<ToolRegistry>> {
     std::fs::create_dir_all(&loaded.paths.workspace).with_context(|| {
@@ -32,15 +35,38 @@ pub fn tools(loaded: &Loaded, env: &Env, catalog: Arc<SkillCatalog>) -> Result<A
         )
     })?;
     let child_env = openpista_sandbox::minimal_env(&env.path, &loaded.paths.workspace);
-    let mut registry = openpista_tools::builtin_registry(
-        loaded.config.tools.system_run.clone(),
-        loaded.config.tools.files,
-        child_env.clone(),
-    )?;
-    for tool in openpista_skills::skill_tools(catalog, child_env, loaded.config.skills.limits) {
+    let docker = docker_runner(loaded)?;
+    let mut registry = ToolRegistry::new();
+    let mut system_run = SystemRun::new(loaded.config.tools.system_run.clone(), child_env.clone());
+    if let Some(runner) = &docker {
+        system_run = system_run.with_docker(runner.clone());
+        registry.register(Arc::new(ContainerRun::new(
+            runner.clone(),
+            child_env.clone(),
+        )))?;
+    }
+    registry.register(Arc::new(system_run))?;
+    for tool in openpista_tools::files::file_tools(loaded.config.tools.files) {
+        registry.register(tool)?;
+    }
+    for tool in openpista_skills::skill_tools_with_docker(
+        catalog,
+        child_env,
+        loaded.config.skills.limits,
+        docker,
+    ) {
         registry.register(tool)?;
     }
     Ok(Arc::new(registry))
+}
+
+/// The Docker runner when `[sandbox.docker] enabled = true`.
+fn docker_runner(loaded: &Loaded) -> Result<Option<Arc<DockerRunner>>> {
+    let cfg = &loaded.config.sandbox.docker;
+    if !cfg.enabled {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(DockerRunner::new(cfg.clone())?)))
 }
 
 /// Skills from `<workspace>/skills`, the user skills folder

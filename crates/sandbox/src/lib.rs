@@ -22,6 +22,11 @@
 //! Known limit: a process that leaves the group (`setsid`) escapes the group
 //! kill; callers that must contain hostile code need a container (not this
 //! crate's job yet).
+//!
+//! [`docker`] runs a task in an ephemeral, locked-down container through the
+//! Docker Engine API (bollard).
+
+pub mod docker;
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;
@@ -528,12 +533,12 @@ async fn capture<R: AsyncRead + Unpin>(
 
 /// Characters in `bytes`, counting every byte that is not a UTF-8
 /// continuation byte (exact for valid UTF-8).
-fn count_chars(bytes: &[u8]) -> u64 {
+pub(crate) fn count_chars(bytes: &[u8]) -> u64 {
     bytes.iter().filter(|&&b| (b & 0xC0) != 0x80).count() as u64
 }
 
 /// Removes a trailing, incomplete UTF-8 sequence (cut by the limit).
-fn trim_incomplete_tail(kept: &mut Vec<u8>, dropped: &mut u64) {
+pub(crate) fn trim_incomplete_tail(kept: &mut Vec<u8>, dropped: &mut u64) {
     if let Err(e) = std::str::from_utf8(kept)
         && e.error_len().is_none()
     {

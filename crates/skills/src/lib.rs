@@ -11,14 +11,16 @@
 //! `SKILL.md` under its roots changes. The model reaches skills through two
 //! tools (progressive disclosure): [`SkillRead`] (`skill.read`) returns a
 //! skill's instructions, [`SkillRun`] (`skill.run`) runs a subprocess skill
-//! under operator [`SkillLimits`] via `openpista-sandbox`. Docker and WASM
-//! skills are parsed but not run yet.
+//! under operator [`SkillLimits`] via `openpista-sandbox`. `mode: docker`
+//! skills run in a fresh container ([`docker`]) when the operator enabled
+//! `[sandbox.docker]`. WASM skills are parsed but not run yet.
 
 mod catalog;
+pub mod docker;
 mod run;
 
 pub use catalog::SkillCatalog;
-pub use run::{SkillLimits, SkillRead, SkillRun, skill_tools};
+pub use run::{SkillLimits, SkillRead, SkillRun, skill_tools, skill_tools_with_docker};
 
 use std::path::{Path, PathBuf};
 

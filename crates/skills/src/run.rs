@@ -8,6 +8,9 @@
 //! the operator's [`SkillLimits`] and the skill folder as working directory
 //! (so a script finds its own files by relative path). Limits come from the
 //! operator and `SKILL.md`, never from the model's arguments.
+//!
+//! A `mode: docker` skill runs the same way inside a fresh container (see
+//! [`crate::docker`]) when the operator enabled Docker.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use openpista_proto::ToolDefinition;
 use openpista_sandbox::{CommandSpec, ResourceLimits};
+use openpista_tools::container::DockerRunner;
 use openpista_tools::system_run::{DEFAULT_PATH, run_to_output};
 use openpista_tools::{Tool, ToolContext, ToolError, ToolOutput};
 use serde::Deserialize;
@@ -74,7 +78,7 @@ impl SkillLimits {
     }
 
     /// The deadline for `skill`: its own timeout or the default, at most the maximum.
-    fn timeout_for(&self, skill: &Skill) -> Duration {
+    pub(crate) fn timeout_for(&self, skill: &Skill) -> Duration {
         let max = self.max_timeout_secs.max(1);
         Duration::from_secs(
             skill
@@ -92,10 +96,21 @@ pub fn skill_tools(
     env: Vec<(String, String)>,
     limits: SkillLimits,
 ) -> Vec<Arc<dyn Tool>> {
-    vec![
-        Arc::new(SkillRead::new(catalog.clone())),
-        Arc::new(SkillRun::new(catalog, env, limits)),
-    ]
+    skill_tools_with_docker(catalog, env, limits, None)
+}
+
+/// As [`skill_tools`]; with `docker`, `mode: docker` skills run in containers.
+pub fn skill_tools_with_docker(
+    catalog: Arc<SkillCatalog>,
+    env: Vec<(String, String)>,
+    limits: SkillLimits,
+    docker: Option<Arc<DockerRunner>>,
+) -> Vec<Arc<dyn Tool>> {
+    let mut run = SkillRun::new(catalog.clone(), env, limits);
+    if let Some(runner) = docker {
+        run = run.with_docker(runner);
+    }
+    vec![Arc::new(SkillRead::new(catalog)), Arc::new(run)]
 }
 
 /// The `skill.read` tool: a skill's full instructions.
@@ -164,6 +179,7 @@ pub struct SkillRun {
     catalog: Arc<SkillCatalog>,
     env: Vec<(String, String)>,
     limits: SkillLimits,
+    docker: Option<Arc<DockerRunner>>,
 }
 
 impl SkillRun {
@@ -177,7 +193,14 @@ impl SkillRun {
             catalog,
             env,
             limits,
+            docker: None,
         }
+    }
+
+    /// Lets `mode: docker` skills run, in containers made by `runner`.
+    pub fn with_docker(mut self, runner: Arc<DockerRunner>) -> Self {
+        self.docker = Some(runner);
+        self
     }
 
     fn find_program(&self, name: &str) -> Result<PathBuf, ToolError> {
@@ -233,19 +256,54 @@ impl Tool for SkillRun {
         let set = self.catalog.current();
         let skill = find(&set, "skill.run", &args.name)?;
         let name = &skill.meta.name;
-        match skill.meta.mode {
-            None | Some(SkillMode::Subprocess) => {}
-            Some(mode @ (SkillMode::Docker | SkillMode::Wasm)) => {
+        let mode = skill.meta.mode.unwrap_or(SkillMode::Subprocess);
+        match mode {
+            SkillMode::Subprocess | SkillMode::Docker => {}
+            SkillMode::Wasm => {
                 return Err(ToolError::Failed(format!(
                     "skill {name} uses mode {}, which is not supported yet; only subprocess \
-                     skills can run",
+                     and docker skills can run",
                     mode.as_str()
                 )));
             }
         }
+        let docker = match (mode, &self.docker) {
+            (SkillMode::Docker, Some(runner)) => Some(runner),
+            (SkillMode::Docker, None) => {
+                return Err(ToolError::Failed(format!(
+                    "skill {name} runs in Docker, but [sandbox.docker] is not enabled"
+                )));
+            }
+            _ => None,
+        };
         let skill_args = args.args.unwrap_or_else(|| json!({}));
         check_args(skill, &skill_args)?;
         let (dir, entry) = resolve_entry(skill)?;
+        if let Some(runner) = docker {
+            let task =
+                crate::docker::task(runner, skill, &self.limits, &dir, &entry, &skill_args, ctx)?;
+            return runner
+                .run(task, ctx, || {
+                    self.run_subprocess(skill, dir.clone(), entry.clone(), &skill_args, ctx)
+                })
+                .await;
+        }
+        self.run_subprocess(skill, dir, entry, &skill_args, ctx)
+            .await
+    }
+}
+
+impl SkillRun {
+    /// Runs `entry` as a subprocess in the skill folder `dir`.
+    async fn run_subprocess(
+        &self,
+        skill: &Skill,
+        dir: PathBuf,
+        entry: PathBuf,
+        skill_args: &Value,
+        ctx: &ToolContext,
+    ) -> Result<ToolOutput, ToolError> {
+        let name = &skill.meta.name;
         let entry_name = entry
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -262,8 +320,7 @@ impl Tool for SkillRun {
             )));
         };
         let timeout = self.limits.timeout_for(skill);
-        let stdin =
-            serde_json::to_vec(&skill_args).map_err(|e| ToolError::Failed(e.to_string()))?;
+        let stdin = serde_json::to_vec(skill_args).map_err(|e| ToolError::Failed(e.to_string()))?;
 
         let mut spec = CommandSpec::new(program, dir);
         spec.args = argv;

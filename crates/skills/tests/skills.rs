@@ -291,7 +291,15 @@ async fn docker_and_wasm_skills_are_not_supported_yet() {
         "wasm/SKILL.md",
         "---\nname: wasm\ndescription: d\nmode: wasm\nentry: x.wasm\n---\n",
     );
-    for (name, mode) in [("box", "docker"), ("wasm", "wasm")] {
+    // Docker skills need the operator's [sandbox.docker] (see tests/docker.rs).
+    let r = f.call("skill.run", json!({"name": "box"})).await;
+    assert_eq!(r.outcome, ToolOutcome::Error, "{r:?}");
+    assert!(
+        r.content.contains("[sandbox.docker] is not enabled"),
+        "{}",
+        r.content
+    );
+    for (name, mode) in [("wasm", "wasm")] {
         let r = f.call("skill.run", json!({"name": name})).await;
         assert_eq!(r.outcome, ToolOutcome::Error, "{r:?}");
         assert!(

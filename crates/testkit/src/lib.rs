@@ -6,12 +6,15 @@
 //!
 //! - [`FakeOpenAi`]: an OpenAI chat-completions server serving scripted
 //!   [`Reply`]s, plain JSON or SSE, and recording every request.
+//! - [`docker`]: the test dockerd started by `scripts/test.sh` and the
+//!   locally imported busybox test image.
 //! - [`FakeTelegram`]: a Telegram Bot API (getMe, getUpdates, sendMessage, ...)
 //!   handing out scripted updates once and recording every request.
 //!
 //! This crate is for tests only (`publish = false`); nothing in it is tuned for
 //! speed or hardened against hostile peers.
 
+pub mod docker;
 pub mod openai;
 pub mod telegram;
 

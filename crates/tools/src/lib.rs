@@ -9,9 +9,13 @@
 //! Built-in tools: [`system_run::SystemRun`] (`system.run`, a command under an
 //! operator policy: `deny`, `allowlist` or `full`) and the workspace-confined
 //! file tools in [`files`] (`file.read`, `file.write`, `file.list`).
+//! [`container::ContainerRun`] (`container.run`, a command in a fresh Docker
+//! container under the operator's `[sandbox.docker]` limits) is registered
+//! by the caller when Docker is enabled.
 //!
 //! This crate knows nothing of models or sessions.
 
+pub mod container;
 pub mod files;
 pub mod policy;
 pub mod system_run;

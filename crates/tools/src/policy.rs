@@ -75,6 +75,17 @@ pub enum PolicyMode {
     Full,
 }
 
+/// Where `system.run` executes a command that the policy allowed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunSandbox {
+    /// A subprocess on the host, under rlimits (the default).
+    #[default]
+    Subprocess,
+    /// A fresh container under `[sandbox.docker]` (see `container::DockerRunner`).
+    Docker,
+}
+
 /// The operator's configuration for `system.run`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -96,6 +107,8 @@ pub struct CommandPolicy {
     /// workspace (`cat /etc/passwd`, `ls ~`, `cat ../x`). Off by default:
     /// such arguments could read secrets such as the config file's API key.
     pub allow_paths_outside_workspace: bool,
+    /// Where allowed commands run: `"subprocess"` or `"docker"`.
+    pub sandbox: RunSandbox,
 }
 
 impl Default for CommandPolicy {
@@ -108,6 +121,7 @@ impl Default for CommandPolicy {
             max_timeout_secs: 300,
             output_limit: 10_000,
             allow_paths_outside_workspace: false,
+            sandbox: RunSandbox::Subprocess,
         }
     }
 }

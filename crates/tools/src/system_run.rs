@@ -9,6 +9,7 @@
 //! allowlisted program.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,8 +18,9 @@ use openpista_sandbox::{CommandSpec, ResourceLimits, RunOutput};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::container::{DockerRunner, container_path};
 use crate::files::confine;
-use crate::policy::{CommandPolicy, PolicyMode};
+use crate::policy::{CommandPolicy, PolicyMode, RunSandbox};
 use crate::{Tool, ToolContext, ToolError, ToolOutput};
 
 /// `PATH` used when the given environment has none.
@@ -33,6 +35,7 @@ pub struct SystemRun {
     policy: CommandPolicy,
     env: Vec<(String, String)>,
     limits: ResourceLimits,
+    docker: Option<Arc<DockerRunner>>,
 }
 
 impl SystemRun {
@@ -43,7 +46,15 @@ impl SystemRun {
             policy,
             env,
             limits: ResourceLimits::default(),
+            docker: None,
         }
+    }
+
+    /// Runs allowed commands in Docker (used when the policy's `sandbox` is
+    /// `"docker"`; without a runner such a policy refuses every command).
+    pub fn with_docker(mut self, runner: Arc<DockerRunner>) -> Self {
+        self.docker = Some(runner);
+        self
     }
 
     /// Sets `setrlimit` limits for every command.
@@ -138,6 +149,36 @@ impl Tool for SystemRun {
                 cwd.display()
             )));
         }
+        let max = self.policy.max_timeout_secs.max(1);
+        let timeout = Duration::from_secs(
+            args.timeout_secs
+                .unwrap_or(self.policy.timeout_secs)
+                .clamp(1, max),
+        );
+        tracing::debug!(command = %args.command, ?timeout, "system.run");
+        match self.policy.sandbox {
+            RunSandbox::Subprocess => {
+                self.run_on_host(argv, &cwd.root, cwd.path, timeout, ctx)
+                    .await
+            }
+            RunSandbox::Docker => {
+                self.run_in_docker(argv, &cwd.root, cwd.path, timeout, ctx)
+                    .await
+            }
+        }
+    }
+}
+
+impl SystemRun {
+    /// The allowed `argv` as a subprocess in `cwd`.
+    async fn run_on_host(
+        &self,
+        argv: Vec<String>,
+        root: &Path,
+        cwd: PathBuf,
+        timeout: Duration,
+        ctx: &ToolContext,
+    ) -> Result<ToolOutput, ToolError> {
         let Some((program, rest)) = argv.split_first() else {
             return Err(ToolError::Denied("empty command".to_owned()));
         };
@@ -151,16 +192,9 @@ impl Tool for SystemRun {
                 .rev()
                 .find(|(k, _)| k == "PATH")
                 .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
-            resolve_program(program, path_var, &cwd.root)?
+            resolve_program(program, path_var, root)?
         };
-        let max = self.policy.max_timeout_secs.max(1);
-        let timeout = Duration::from_secs(
-            args.timeout_secs
-                .unwrap_or(self.policy.timeout_secs)
-                .clamp(1, max),
-        );
-
-        let mut spec = CommandSpec::new(program, cwd.path);
+        let mut spec = CommandSpec::new(program, cwd);
         spec.args = rest.to_vec();
         spec.env = self.env.clone();
         spec.timeout = timeout;
@@ -168,9 +202,35 @@ impl Tool for SystemRun {
         spec.output_limit = self.policy.output_limit.saturating_mul(4);
         spec.term_grace = TERM_GRACE;
         spec.limits = self.limits;
-
-        tracing::debug!(command = %args.command, ?timeout, "system.run");
         run_to_output(spec, ctx, self.policy.output_limit).await
+    }
+
+    /// The allowed `argv` in a fresh container under `[sandbox.docker]`
+    /// (the workspace is read-only there); the subprocess fallback, if the
+    /// operator enabled it, is [`Self::run_on_host`].
+    async fn run_in_docker(
+        &self,
+        argv: Vec<String>,
+        root: &Path,
+        cwd: PathBuf,
+        timeout: Duration,
+        ctx: &ToolContext,
+    ) -> Result<ToolOutput, ToolError> {
+        let Some(runner) = &self.docker else {
+            return Err(ToolError::Denied(
+                "system.run is configured with sandbox = \"docker\" but [sandbox.docker] is not \
+                 enabled"
+                    .to_owned(),
+            ));
+        };
+        let mut task = runner.task(argv.clone(), root, container_path(root, &cwd));
+        task.timeout = timeout;
+        task.output_limit = self.policy.output_limit.saturating_mul(4);
+        runner
+            .run(task, ctx, || {
+                self.run_on_host(argv, root, cwd, timeout, ctx)
+            })
+            .await
     }
 }
 
@@ -206,7 +266,11 @@ pub async fn run_to_output(
 
 /// Finds `name` in the absolute directories of `path_var` that are not inside
 /// `workspace`.
-fn resolve_program(name: &str, path_var: &str, workspace: &Path) -> Result<PathBuf, ToolError> {
+pub(crate) fn resolve_program(
+    name: &str,
+    path_var: &str,
+    workspace: &Path,
+) -> Result<PathBuf, ToolError> {
     use std::os::unix::fs::PermissionsExt;
     for dir in path_var.split(':').map(Path::new) {
         if !dir.is_absolute() {
