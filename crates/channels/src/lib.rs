@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 pub mod telegram;
 pub mod text;
 
+/// The redacting secret type the token is held in.
+pub use secrecy::{ExposeSecret, SecretString};
 pub use telegram::{TelegramAdapter, TelegramConfig, TelegramReplier};
 
 /// One message from a channel.
@@ -20,8 +22,11 @@ pub use telegram::{TelegramAdapter, TelegramConfig, TelegramReplier};
 pub struct Inbound {
     /// The channel's name (`telegram`).
     pub channel: String,
-    /// The conversation (a private chat id); replies go here.
+    /// The conversation (a chat id); replies go here.
     pub conversation: String,
+    /// What the session is keyed by within the channel: the conversation
+    /// for a private chat, `<chat>-<user>` in a group.
+    pub session_key: String,
     /// The sender's platform id.
     pub user: String,
     /// What was asked.
@@ -50,12 +55,30 @@ pub struct Outbound {
     pub text: String,
 }
 
+/// Where a handler shows the reply so far while it works (the adapter
+/// renders it as a draft, throttled). Updating it is optional.
+#[derive(Debug)]
+pub struct Draft(pub(crate) tokio::sync::watch::Sender<String>);
+
+impl Draft {
+    /// A draft nobody shows (commands, tests).
+    pub fn none() -> Self {
+        Self(tokio::sync::watch::channel(String::new()).0)
+    }
+
+    /// Replaces the text shown so far.
+    pub fn show(&self, text_so_far: &str) {
+        self.0.send_replace(text_so_far.to_owned());
+    }
+}
+
 /// What handles inbound messages (the gateway bridge). Answers with the
 /// plain text to send back.
 #[async_trait]
 pub trait InboundHandler: Send + Sync {
-    /// Handles one message and returns the reply text.
-    async fn handle(&self, inbound: Inbound) -> String;
+    /// Handles one message and returns the final reply text, showing the
+    /// reply so far in `draft` while it works.
+    async fn handle(&self, inbound: Inbound, draft: Draft) -> String;
 }
 
 /// A channel adapter: runs until `shutdown` fires, feeding messages to the
@@ -85,6 +108,9 @@ pub enum ChannelError {
     /// The configured API URL does not parse; fix the config (no retry helps).
     #[error("invalid api url {0:?}")]
     InvalidApiUrl(String),
+    /// A setting is out of range; fix the config (no retry helps).
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
     /// The conversation id is not one this channel uses; a bug or a forged id.
     #[error("invalid conversation id {0:?}")]
     InvalidConversation(String),

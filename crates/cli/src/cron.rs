@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use openpista_gateway::{Gateway, run_occurrence, validate_cron};
+use openpista_gateway::{Gateway, Outbox, run_occurrence_to, validate_cron};
 use openpista_memory::{MissedPolicy, NewCronJob, RunOutcome, RunTrigger};
 
 use crate::config::{Env, Loaded};
@@ -101,9 +101,15 @@ pub async fn cron(loaded: &Loaded, env: &Env, cmd: CronCommand) -> Result<ExitCo
                 eprintln!("error: no cron job {id}");
                 return Ok(ExitCode::from(1));
             };
+            let outbox = Outbox {
+                telegram: wiring::telegram(loaded, env, store.clone())?
+                    .map(|t| openpista_channels::ChannelAdapter::replier(&t)),
+            };
             let agent = wiring::agent(loaded, env).await?;
             let gateway = Gateway::new(agent, &loaded.config.gateway);
-            let report = run_occurrence(&gateway, &job, chrono_now(), RunTrigger::Manual).await?;
+            let report =
+                run_occurrence_to(&gateway, &job, chrono_now(), RunTrigger::Manual, &outbox)
+                    .await?;
             let Some(report) = report else {
                 eprintln!("error: this occurrence was already claimed; try again");
                 return Ok(ExitCode::from(1));

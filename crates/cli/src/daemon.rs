@@ -53,7 +53,18 @@ pub async fn start(loaded: &Loaded, env: &Env) -> Result<ExitCode> {
         _ => TlsIdentity::load_or_generate(&p.tls_dir)?,
     };
     let metrics_addr = loaded.config.metrics.validate()?;
+    // Fail fast on a missing bot token, before loading a model.
+    if loaded.config.channels.telegram.enabled {
+        crate::config::telegram_token(loaded, env)?;
+    }
     let agent = wiring::agent(loaded, env).await?;
+    let telegram = wiring::telegram(loaded, env, agent.store().clone())?;
+    if telegram.is_some() {
+        println!(
+            "telegram: polling {}",
+            loaded.config.channels.telegram.api_url
+        );
+    }
     let gateway = Gateway::new(agent, &cfg);
     let metrics = match metrics_addr {
         Some(addr) => {
@@ -100,6 +111,7 @@ pub async fn start(loaded: &Loaded, env: &Env) -> Result<ExitCode> {
         drain_deadline: drain,
         shutdown,
         cron: true,
+        telegram,
     };
     let state_file = p.state_file.clone();
     let exit = run_daemon(opts, |state| {

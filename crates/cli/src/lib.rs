@@ -9,6 +9,7 @@ mod commands;
 pub mod config;
 mod cron;
 mod daemon;
+mod telegram;
 mod wiring;
 
 use std::net::SocketAddr;
@@ -79,6 +80,22 @@ pub enum Command {
     /// Scheduled prompts (run by `openpista start`).
     #[command(subcommand)]
     Cron(CronCommand),
+    /// Who may talk to the agent from Telegram: approve pairing codes.
+    #[command(subcommand)]
+    Telegram(TelegramCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TelegramCommand {
+    /// Approve the pairing code an unknown user was given (works while the daemon runs).
+    Pair { code: String },
+    /// Allowed, paired and pending users.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a paired user (by numeric Telegram id).
+    Unpair { user_id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,8 +107,8 @@ pub enum CronCommand {
         /// IANA time zone the expression is read in.
         #[arg(long, default_value = "UTC")]
         tz: String,
-        /// Where the answer goes: session:<id> or telegram:<chat> (stored in the
-        /// session telegram-<chat> until the Telegram adapter exists).
+        /// Where the answer goes: session:<id>, or telegram:<chat> (a turn in the
+        /// session telegram-<chat>, its answer sent to the chat when Telegram is enabled).
         #[arg(long = "to", value_name = "TARGET")]
         to: String,
         /// Pause the job after this many failed runs in a row.

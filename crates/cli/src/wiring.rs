@@ -149,3 +149,20 @@ pub async fn agent(loaded: &Loaded, env: &Env) -> Result<Agent> {
         skills_context: skills.prompt_context(loaded.config.skills.prompt_budget),
     }))
 }
+
+/// The Telegram adapter over `store`, when `[channels.telegram]` is enabled;
+/// an error if it is enabled without a token or with a bad setting.
+pub fn telegram(
+    loaded: &Loaded,
+    env: &Env,
+    store: Store,
+) -> Result<Option<openpista_channels::TelegramAdapter>> {
+    let settings = &loaded.config.channels.telegram;
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let token = crate::config::telegram_token(loaded, env)?;
+    let adapter = openpista_channels::TelegramAdapter::new(&settings.adapter_config(token), store)
+        .context("[channels.telegram]")?;
+    Ok(Some(adapter))
+}

@@ -1,15 +1,20 @@
 //! The bridge from channel adapters (`openpista-channels`) to the in-process
-//! [`Gateway`]: one stable session per conversation (`telegram-<chat id>`, the session cron targets use),
-//! `/new`, `/cancel` and `/status`. Answers are the turn's final text.
+//! [`Gateway`]: one stable session per conversation (`<channel>-<session
+//! key>`, e.g. `telegram-<chat id>`, the session cron targets use), `/new`,
+//! `/cancel` and `/status`. The reply so far is shown in the adapter's draft
+//! as the model streams; the answer is the turn's final text.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
-use openpista_channels::{Inbound, InboundHandler, InboundKind};
-use openpista_proto::{AgentEvent, SessionId};
+use openpista_channels::{Draft, Inbound, InboundHandler, InboundKind};
+use openpista_proto::{AgentEvent, ErrorCode, SessionId};
 
 use crate::{Gateway, SendRequest};
+
+/// What a cancelled turn answers.
+pub const CANCELLED_REPLY: &str = "Stopped.";
 
 /// Feeds channel messages into a [`Gateway`].
 #[derive(Debug)]
@@ -28,16 +33,19 @@ impl GatewayBridge {
         }
     }
 
-    fn session(&self, inbound: &Inbound) -> Option<SessionId> {
-        let key = (inbound.channel.clone(), inbound.conversation.clone());
-        let sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(id) = sessions.get(&key) {
-            return Some(id.clone());
-        }
-        SessionId::parse(&format!("{}-{}", inbound.channel, inbound.conversation)).ok()
+    fn key(inbound: &Inbound) -> (String, String) {
+        (inbound.channel.clone(), inbound.session_key.clone())
     }
 
-    async fn turn(&self, inbound: &Inbound, text: &str) -> String {
+    fn session(&self, inbound: &Inbound) -> Option<SessionId> {
+        let sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(id) = sessions.get(&Self::key(inbound)) {
+            return Some(id.clone());
+        }
+        SessionId::parse(&format!("{}-{}", inbound.channel, inbound.session_key)).ok()
+    }
+
+    async fn turn(&self, inbound: &Inbound, text: &str, draft: &Draft) -> String {
         let Some(id) = self.session(inbound) else {
             return "Sorry, this conversation has no usable session id.".into();
         };
@@ -48,20 +56,28 @@ impl GatewayBridge {
             channel: inbound.channel.clone(),
             create_missing: true,
         };
-        let events = match self.gateway.send(req).await {
-            Ok(events) => events.collect().await,
+        let mut events = match self.gateway.send(req).await {
+            Ok(events) => events,
             Err(e) => return format!("Sorry, I could not start that: {e}"),
         };
-        for event in events.into_iter().rev() {
+        let mut so_far = String::new();
+        while let Some(event) = events.recv().await {
             match event {
+                AgentEvent::TextDelta { text } => {
+                    so_far.push_str(&text);
+                    draft.show(&so_far);
+                }
+                // A tool round's text is not the answer; start over.
+                AgentEvent::ToolStarted { .. } => so_far.clear(),
                 AgentEvent::Final { text, .. } => return text,
+                AgentEvent::Error {
+                    code: ErrorCode::Cancelled,
+                    ..
+                } => return CANCELLED_REPLY.into(),
                 AgentEvent::Error { message, .. } => {
                     return format!("Sorry, that failed: {message}");
                 }
-                AgentEvent::Accepted { .. }
-                | AgentEvent::TextDelta { .. }
-                | AgentEvent::ToolStarted { .. }
-                | AgentEvent::ToolFinished { .. } => {}
+                AgentEvent::Accepted { .. } | AgentEvent::ToolFinished { .. } => {}
             }
         }
         "Sorry, the turn ended without an answer.".into()
@@ -70,19 +86,18 @@ impl GatewayBridge {
 
 #[async_trait]
 impl InboundHandler for GatewayBridge {
-    async fn handle(&self, inbound: Inbound) -> String {
+    async fn handle(&self, inbound: Inbound, draft: Draft) -> String {
         match &inbound.kind {
-            InboundKind::Text(text) => self.turn(&inbound, text).await,
+            InboundKind::Text(text) => self.turn(&inbound, text, &draft).await,
             InboundKind::NewSession => {
-                let key = (inbound.channel.clone(), inbound.conversation.clone());
                 self.sessions
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(key, SessionId::generate());
+                    .insert(Self::key(&inbound), SessionId::generate());
                 "Started a new session.".into()
             }
             InboundKind::Cancel => match self.session(&inbound) {
-                Some(id) if self.gateway.cancel(&id) => "Cancelled the running turn.".into(),
+                Some(id) if self.gateway.cancel(&id) => "Cancelling the running turn.".into(),
                 _ => "Nothing is running.".into(),
             },
             InboundKind::Status => {

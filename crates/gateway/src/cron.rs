@@ -18,11 +18,12 @@
 //!
 //! A run sends the prompt through [`Gateway::send`] into the target session
 //! (created on channel `cron` if missing). Targets are `session:<id>` and
-//! `telegram:<chat>`; until the Telegram adapter exists a `telegram:` target
-//! is delivered to the session `telegram-<chat>` and a log line says so —
-//! nothing is sent to Telegram. A job whose runs fail `max_failures` times
-//! in a row is paused; an audit row, a log line and a message in the target
-//! session say so.
+//! `telegram:<chat>`; a `telegram:` job runs in the chat's session
+//! `telegram-<chat>` and its answer is sent to the chat through the
+//! [`Outbox`] (the Telegram adapter's reply handle). Without one (Telegram
+//! not enabled) the answer stays in the session and a log line says so. A
+//! job whose runs fail `max_failures` times in a row is paused; an audit
+//! row, a log line and a message in the target session (and chat) say so.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -33,6 +34,7 @@ use chrono::{DateTime, SubsecRound as _, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds};
+use openpista_channels::{Outbound, TelegramReplier};
 use openpista_memory::{
     AuditEntry, CronJob, MemoryError, MissedPolicy, RunOutcome, RunTrigger, Store,
 };
@@ -115,8 +117,8 @@ impl Schedule {
 pub enum Target {
     /// A turn in this session.
     Session(SessionId),
-    /// A Telegram chat; delivered to session `telegram-<chat>` until the
-    /// Telegram adapter exists.
+    /// A Telegram chat: a turn in session `telegram-<chat>`, whose answer
+    /// is sent to the chat.
     Telegram(String),
 }
 
@@ -181,14 +183,61 @@ pub struct RunReport {
     pub paused_now: bool,
 }
 
+/// Where answers for channel targets go: the adapters' reply handles.
+#[derive(Debug, Clone, Default)]
+pub struct Outbox {
+    /// The Telegram adapter's replier, when Telegram is enabled.
+    pub telegram: Option<TelegramReplier>,
+}
+
+impl Outbox {
+    /// Sends `text` to `target` if it is a channel; logs what happened.
+    async fn deliver(&self, job: i64, target: &Target, text: &str) {
+        let Target::Telegram(chat) = target else {
+            return;
+        };
+        let Some(replier) = &self.telegram else {
+            tracing::warn!(
+                job,
+                chat,
+                "Telegram is not enabled ([channels.telegram]); the answer is stored in the session only"
+            );
+            return;
+        };
+        let out = Outbound {
+            conversation: chat.clone(),
+            text: text.to_owned(),
+        };
+        match replier.send(&out).await {
+            Ok(()) => tracing::info!(job, chat, "cron answer delivered to Telegram"),
+            Err(e) => {
+                tracing::warn!(job, chat, error = %e, "cron answer not delivered to Telegram")
+            }
+        }
+    }
+}
+
 /// Claims `(job, scheduled_at)` and, if the claim succeeds, runs the job
 /// through `gateway` and records the outcome. `Ok(None)`: the occurrence
-/// was already claimed, so nothing ran.
+/// was already claimed, so nothing ran. Channel targets are not delivered
+/// to (see [`run_occurrence_to`]).
 pub async fn run_occurrence(
     gateway: &Gateway,
     job: &CronJob,
     scheduled_at: DateTime<Utc>,
     trigger: RunTrigger,
+) -> Result<Option<RunReport>, CronError> {
+    run_occurrence_to(gateway, job, scheduled_at, trigger, &Outbox::default()).await
+}
+
+/// [`run_occurrence`], delivering the answer (or the pause notice) of a
+/// channel target through `outbox`.
+pub async fn run_occurrence_to(
+    gateway: &Gateway,
+    job: &CronJob,
+    scheduled_at: DateTime<Utc>,
+    trigger: RunTrigger,
+    outbox: &Outbox,
 ) -> Result<Option<RunReport>, CronError> {
     let store = gateway.agent().store();
     let target = Target::parse(&job.target)?;
@@ -197,14 +246,6 @@ pub async fn run_occurrence(
         tracing::debug!(job = job.id, %scheduled_at, "occurrence already claimed");
         return Ok(None);
     };
-    if let Target::Telegram(chat) = &target {
-        tracing::warn!(
-            job = job.id,
-            chat,
-            session = %session_id,
-            "Telegram delivery arrives with the Telegram adapter; the result is stored in the session only"
-        );
-    }
     let req = SendRequest {
         session_id: Some(session_id.clone()),
         text: job.prompt.clone(),
@@ -239,8 +280,11 @@ pub async fn run_occurrence(
         outcome = outcome.as_str(),
         "cron run finished"
     );
+    if outcome == RunOutcome::Ok {
+        outbox.deliver(job.id, &target, &text).await;
+    }
     if finished.paused_now {
-        announce_pause(
+        let note = announce_pause(
             store,
             job,
             &session_id,
@@ -248,6 +292,7 @@ pub async fn run_occurrence(
             &text,
         )
         .await?;
+        outbox.deliver(job.id, &target, &note).await;
     }
     Ok(Some(RunReport {
         run_id,
@@ -264,7 +309,7 @@ async fn announce_pause(
     session_id: &SessionId,
     failures: u32,
     last_error: &str,
-) -> Result<(), CronError> {
+) -> Result<String, CronError> {
     tracing::warn!(
         job = job.id,
         failures,
@@ -286,9 +331,13 @@ async fn announce_pause(
         job.id, job.id
     );
     store
-        .append_message(session_id, &ChatMessage::assistant(note, Vec::new()), None)
+        .append_message(
+            session_id,
+            &ChatMessage::assistant(note.clone(), Vec::new()),
+            None,
+        )
         .await?;
-    Ok(())
+    Ok(note)
 }
 
 /// The scheduler loop; see the module docs.
@@ -302,10 +351,15 @@ impl CronScheduler {
     /// Starts the loop over `gateway`'s store. It stops when `cancel` fires
     /// or [`CronScheduler::stop`] is called.
     pub fn start(gateway: Gateway, cancel: CancellationToken) -> Self {
+        Self::start_with(gateway, cancel, Outbox::default())
+    }
+
+    /// [`CronScheduler::start`], delivering channel targets through `outbox`.
+    pub fn start_with(gateway: Gateway, cancel: CancellationToken, outbox: Outbox) -> Self {
         let tracker = TaskTracker::new();
         let span = tracing::info_span!("cron");
         tracker.spawn(tracing::Instrument::instrument(
-            run_loop(gateway, cancel.clone(), tracker.clone()),
+            run_loop(gateway, cancel.clone(), tracker.clone(), Arc::new(outbox)),
             span,
         ));
         Self { cancel, tracker }
@@ -322,7 +376,12 @@ impl CronScheduler {
     }
 }
 
-async fn run_loop(gateway: Gateway, cancel: CancellationToken, tracker: TaskTracker) {
+async fn run_loop(
+    gateway: Gateway,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    outbox: Arc<Outbox>,
+) {
     let started = Utc::now();
     // Per job: occurrences at or before this are handled.
     let mut cursors: HashMap<i64, DateTime<Utc>> = HashMap::new();
@@ -347,6 +406,7 @@ async fn run_loop(gateway: Gateway, cancel: CancellationToken, tracker: TaskTrac
                         None => {
                             let first = first_cursor(
                                 &gateway, &job, &schedule, started, now, &tracker, &running,
+                                &outbox,
                             )
                             .await;
                             cursors.insert(job.id, first);
@@ -363,6 +423,7 @@ async fn run_loop(gateway: Gateway, cancel: CancellationToken, tracker: TaskTrac
                             &gateway,
                             &tracker,
                             &running,
+                            &outbox,
                             job.clone(),
                             due,
                             RunTrigger::Schedule,
@@ -385,6 +446,7 @@ async fn run_loop(gateway: Gateway, cancel: CancellationToken, tracker: TaskTrac
 
 /// Where a job's cursor starts when the scheduler first sees it, after the
 /// catch-up run of [`MissedPolicy::RunOnce`] if one is due.
+#[allow(clippy::too_many_arguments)] // the loop's state, passed down once
 async fn first_cursor(
     gateway: &Gateway,
     job: &CronJob,
@@ -393,6 +455,7 @@ async fn first_cursor(
     now: DateTime<Utc>,
     tracker: &TaskTracker,
     running: &Arc<Mutex<HashSet<i64>>>,
+    outbox: &Arc<Outbox>,
 ) -> DateTime<Utc> {
     // A job added while we run starts from its creation; one that existed
     // before we started starts from our start (earlier ones were missed).
@@ -418,6 +481,7 @@ async fn first_cursor(
             gateway,
             tracker,
             running,
+            outbox,
             job.clone(),
             missed,
             RunTrigger::CatchUp,
@@ -430,6 +494,7 @@ fn spawn_run(
     gateway: &Gateway,
     tracker: &TaskTracker,
     running: &Arc<Mutex<HashSet<i64>>>,
+    outbox: &Arc<Outbox>,
     job: CronJob,
     at: DateTime<Utc>,
     trigger: RunTrigger,
@@ -443,8 +508,9 @@ fn spawn_run(
     }
     let gateway = gateway.clone();
     let running = running.clone();
+    let outbox = outbox.clone();
     tracker.spawn(async move {
-        if let Err(e) = run_occurrence(&gateway, &job, at, trigger).await {
+        if let Err(e) = run_occurrence_to(&gateway, &job, at, trigger, &outbox).await {
             tracing::warn!(job = job.id, error = %e, "cron run failed to record");
         }
         running

@@ -3,8 +3,10 @@
 //!
 //! [`run_daemon`] takes the PID file (refusing if a live daemon holds it,
 //! recovering a stale one), binds the server, writes [`DaemonState`] (the
-//! bound address and certificate fingerprint), starts the cron scheduler
-//! and waits for its shutdown token. The scheduler stops first (its running
+//! bound address and certificate fingerprint), starts the cron scheduler and
+//! the Telegram adapter (when given; cron answers for `telegram:` targets go
+//! out through its reply handle) and waits for its shutdown token. The
+//! adapter stops polling at once; the scheduler stops first (its running
 //! jobs share the drain deadline). Then it lets running turns finish for the drain deadline, cancels
 //! the rest (their messages so far are stored), closes every connection with
 //! `shutting_down`, and removes both files. Signals are the caller's (the
@@ -20,10 +22,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use openpista_channels::{ChannelAdapter as _, TelegramAdapter};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::{CronScheduler, Gateway, GatewayConfig, GatewayError, QuicServer, TlsIdentity};
+use crate::{
+    CronScheduler, Gateway, GatewayBridge, GatewayConfig, GatewayError, Outbox, QuicServer,
+    TlsIdentity,
+};
 
 /// How long cancelled turns get to store what they have, after the drain deadline.
 const PERSIST_GRACE: Duration = Duration::from_secs(5);
@@ -52,6 +58,8 @@ pub struct DaemonOptions {
     pub shutdown: CancellationToken,
     /// Run the [`crate::CronScheduler`] over the gateway's store.
     pub cron: bool,
+    /// Run this Telegram adapter into the gateway.
+    pub telegram: Option<TelegramAdapter>,
 }
 
 impl std::fmt::Debug for DaemonOptions {
@@ -62,6 +70,7 @@ impl std::fmt::Debug for DaemonOptions {
             .field("pid_file", &self.pid_file)
             .field("state_file", &self.state_file)
             .field("drain_deadline", &self.drain_deadline)
+            .field("telegram", &self.telegram.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -158,6 +167,7 @@ pub async fn run_daemon(
         drain_deadline,
         shutdown,
         cron,
+        telegram,
     } = opts;
     let pid = PidFile::acquire(&pid_file)?;
     let server = QuicServer::bind(gateway.clone(), &config, identity, token)?;
@@ -169,7 +179,21 @@ pub async fn run_daemon(
     };
     let _state_guard = RemoveOnDrop(state_file.clone());
     state.write(&state_file)?;
-    let scheduler = cron.then(|| CronScheduler::start(gateway.clone(), shutdown.child_token()));
+    let outbox = Outbox {
+        telegram: telegram.as_ref().map(|t| t.replier()),
+    };
+    let telegram_task = telegram.map(|adapter| {
+        let bridge = std::sync::Arc::new(GatewayBridge::new(gateway.clone()));
+        let stop = shutdown.child_token();
+        tokio::spawn(async move {
+            if let Err(e) = adapter.run(bridge, stop).await {
+                tracing::error!(error = %e, "the Telegram adapter stopped");
+            }
+        })
+    });
+    let scheduler = cron.then(|| {
+        CronScheduler::start_with(gateway.clone(), shutdown.child_token(), outbox.clone())
+    });
     on_ready(&state);
 
     shutdown.cancelled().await;
@@ -187,6 +211,11 @@ pub async fn run_daemon(
         tokio::time::sleep(DRAIN_POLL).await;
     }
     let drained = gateway.shutdown(PERSIST_GRACE).await;
+    if let Some(task) = telegram_task
+        && tokio::time::timeout(CLOSE_GRACE, task).await.is_err()
+    {
+        tracing::warn!("the Telegram adapter was still sending replies at shutdown");
+    }
     if !drained {
         tracing::warn!("some turns did not finish storing in time");
     }

@@ -11,7 +11,8 @@
 //!   and its fingerprint; [`load_or_create_token`] for the shared secret.
 //! - [`GatewayBridge`]: feeds channel adapters (`openpista-channels`) into the
 //!   gateway, one stable session per conversation.
-//! - [`run_daemon`]: the daemon loop: PID file, [`DaemonState`] file, and a
+//! - [`run_daemon`]: the daemon loop: PID file, [`DaemonState`] file, the
+//!   cron scheduler and the Telegram adapter when enabled, and a
 //!   graceful stop (drain turns with a deadline, close connections) when its
 //!   cancellation token fires.
 //!
@@ -31,11 +32,11 @@ mod router;
 mod tls;
 
 pub use auth::load_or_create_token;
-pub use channels::GatewayBridge;
+pub use channels::{CANCELLED_REPLY, GatewayBridge};
 pub use config::GatewayConfig;
 pub use cron::{
-    CRON_CHANNEL, CronError, CronScheduler, RELOAD_INTERVAL, RunReport, Schedule, Target,
-    run_occurrence, validate as validate_cron,
+    CRON_CHANNEL, CronError, CronScheduler, Outbox, RELOAD_INTERVAL, RunReport, Schedule, Target,
+    run_occurrence, run_occurrence_to, validate as validate_cron,
 };
 pub use daemon::{DaemonExit, DaemonOptions, DaemonState, run_daemon, running_pid};
 pub use error::GatewayError;

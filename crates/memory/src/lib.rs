@@ -1,5 +1,5 @@
 //! Durable memory for openpista: sessions, their messages, the tools they
-//! ran, the audit trail and cron jobs, in one SQLite file.
+//! ran, the audit trail, cron jobs and channel pairings, in one SQLite file.
 //!
 //! Every turn is written here as it happens, so a restarted process (or a
 //! crashed one) picks the conversation up where it was. Writes that belong
@@ -15,6 +15,7 @@ mod cron;
 mod error;
 mod invocations;
 mod messages;
+mod pairing;
 mod sessions;
 mod store;
 
@@ -25,6 +26,7 @@ pub use cron::{CronJob, CronRun, FinishedRun, MissedPolicy, NewCronJob, RunOutco
 pub use error::MemoryError;
 pub use invocations::ToolInvocation;
 pub use messages::StoredMessage;
+pub use pairing::{PairedUser, PendingPairing};
 pub use sessions::{SessionRecord, SessionSummary};
 pub use store::{DEFAULT_BUSY_TIMEOUT, Store, StoreOptions};
 

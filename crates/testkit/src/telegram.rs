@@ -5,11 +5,13 @@
 //! matched case-insensitively (teloxide sends `GetMe`, `SendMessage`), `getMe`
 //! returns a full bot `User`, `getUpdates` hands out each scripted update once,
 //! and `sendMessage` / `editMessageText` / `sendChatAction` are recorded and
-//! answered with a plausible result. Scripted failures ([`FakeTelegram::fail`])
+//! answered with a plausible result. The fake keeps every message the bot
+//! sent and applies edits to it ([`FakeTelegram::transcript`]), refusing an
+//! edit of an unknown message or one that changes nothing, as Telegram does. Scripted failures ([`FakeTelegram::fail`])
 //! are served first for their method, e.g. a 429 with `retry_after`.
 //! The server stops when the [`FakeTelegram`] is dropped.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -54,6 +56,8 @@ struct Shared {
     requests: Mutex<Vec<TgRequest>>,
     next_update_id: AtomicI64,
     next_message_id: AtomicI64,
+    /// What the bot sent, by message id: (chat, current text).
+    messages: Mutex<BTreeMap<i64, (i64, String)>>,
 }
 
 /// The fake Bot API server.
@@ -106,6 +110,38 @@ impl FakeTelegram {
             }
         }
         lock(&self.shared.updates).push_back(json!({"update_id": update_id, "message": message}));
+    }
+
+    /// Queues a text message in group `chat_id` from `user_id`.
+    pub fn push_group_text(&self, chat_id: i64, user_id: i64, text: &str) {
+        let message_id = self.shared.next_message_id.fetch_add(1, Ordering::SeqCst);
+        self.push_update(json!({"message": {
+            "message_id": message_id,
+            "date": 1_700_000_000,
+            "chat": {"id": chat_id, "type": "group", "title": "Friends"},
+            "from": {"id": user_id, "is_bot": false, "first_name": "Ada"},
+            "text": text,
+        }}));
+    }
+
+    /// Queues a raw update (`{"edited_message": ..}`, `{"callback_query": ..}`,
+    /// ...); its `update_id` is set here.
+    pub fn push_update(&self, mut update: Value) {
+        let update_id = self.shared.next_update_id.fetch_add(1, Ordering::SeqCst);
+        if let Some(obj) = update.as_object_mut() {
+            obj.insert("update_id".into(), json!(update_id));
+        }
+        lock(&self.shared.updates).push_back(update);
+    }
+
+    /// The current text of every message the bot sent to `chat_id` (edits
+    /// applied), oldest first.
+    pub fn transcript(&self, chat_id: i64) -> Vec<String> {
+        lock(&self.shared.messages)
+            .values()
+            .filter(|(chat, _)| *chat == chat_id)
+            .map(|(_, text)| text.clone())
+            .collect()
     }
 
     /// The next call of `method` fails with `code` (and `retry_after`).
@@ -203,10 +239,13 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
                 }
                 (f.code, err)
             }
-            None => (
-                200,
-                json!({"ok": true, "result": result(&shared, &method, &body).await}),
-            ),
+            None => match result(&shared, &method, &body).await {
+                Ok(result) => (200, json!({"ok": true, "result": result})),
+                Err((code, description)) => (
+                    code,
+                    json!({"ok": false, "error_code": code, "description": description}),
+                ),
+            },
         };
         let bytes = answer.to_string();
         if write_full(&mut stream, code, "application/json", &[], bytes.as_bytes())
@@ -219,8 +258,8 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
-async fn result(shared: &Shared, method: &str, body: &Value) -> Value {
-    match method {
+async fn result(shared: &Shared, method: &str, body: &Value) -> Result<Value, (u16, String)> {
+    Ok(match method {
         "getme" => json!({
             "id": BOT_ID,
             "is_bot": true,
@@ -244,8 +283,27 @@ async fn result(shared: &Shared, method: &str, body: &Value) -> Value {
             Value::Array(drained)
         }
         "sendmessage" | "editmessagetext" => {
-            let id = shared.next_message_id.fetch_add(1, Ordering::SeqCst);
             let chat = body["chat_id"].as_i64().unwrap_or_default();
+            let text = body["text"].as_str().unwrap_or_default().to_owned();
+            let id = if method == "sendmessage" {
+                let id = shared.next_message_id.fetch_add(1, Ordering::SeqCst);
+                lock(&shared.messages).insert(id, (chat, text));
+                id
+            } else {
+                let id = body["message_id"].as_i64().unwrap_or_default();
+                let mut messages = lock(&shared.messages);
+                match messages.get_mut(&id) {
+                    Some((c, _)) if *c != chat => {
+                        return Err((400, "Bad Request: message to edit not found".into()));
+                    }
+                    None => return Err((400, "Bad Request: message to edit not found".into())),
+                    Some((_, old)) if *old == text => {
+                        return Err((400, "Bad Request: message is not modified".into()));
+                    }
+                    Some((_, old)) => *old = text,
+                }
+                id
+            };
             json!({
                 "message_id": id,
                 "date": 1_700_000_000,
@@ -255,5 +313,5 @@ async fn result(shared: &Shared, method: &str, body: &Value) -> Value {
             })
         }
         _ => json!(true),
-    }
+    })
 }
