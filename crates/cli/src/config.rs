@@ -3,13 +3,17 @@
 //! Every key is documented in `config.example.toml` at the repository root,
 //! which `openpista init` writes out. Unknown keys are errors that name the
 //! file, line and key. Secrets may come from the environment instead of the
-//! file: `OPENPISTA_API_KEY` (falling back to `OPENAI_API_KEY`).
-//! `OPENPISTA_WORKSPACE` overrides `[paths] workspace`.
+//! file: `OPENPISTA_API_KEY` (falling back to `OPENAI_API_KEY`), and the
+//! Telegram bot token `OPENPISTA_TELEGRAM_TOKEN` (or a mode-0600 file named by
+//! `[channels.telegram] token_file`). `OPENPISTA_WORKSPACE` overrides
+//! `[paths] workspace`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use openpista_agent::AgentConfig;
+use openpista_channels::SecretString;
+use openpista_channels::telegram::{DEFAULT_API_URL, MAX_POLL_TIMEOUT_SECS, TelegramConfig};
 use openpista_gateway::{GatewayConfig, MetricsConfig};
 use openpista_llm::local::LocalConfig;
 use openpista_llm::openai::OpenAiConfig;
@@ -34,7 +38,110 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     pub gateway: GatewayConfig,
     pub metrics: MetricsConfig,
+    pub channels: ChannelsConfig,
     pub log: LogConfig,
+}
+
+/// `[channels]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelsConfig {
+    pub telegram: TelegramSettings,
+}
+
+/// `[channels.telegram]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelegramSettings {
+    /// Run the Telegram adapter in `openpista start`.
+    pub enabled: bool,
+    /// The Bot API base URL (a self-hosted `telegram-bot-api`, or a test fake).
+    pub api_url: String,
+    /// A file (mode 0600) holding the bot token; `OPENPISTA_TELEGRAM_TOKEN` wins.
+    pub token_file: Option<String>,
+    /// Numeric Telegram user ids allowed to talk to the agent.
+    pub allowed_users: Vec<u64>,
+    /// Answer in groups too (one session per chat and user).
+    pub groups: bool,
+    /// Long-polling timeout of `getUpdates`, in seconds.
+    pub poll_timeout_secs: u32,
+    /// When the reply draft appears, and the least time between its edits, in ms.
+    pub draft_interval_ms: u64,
+    /// How long a pairing code stays valid, in seconds.
+    pub pairing_ttl_secs: u64,
+}
+
+impl Default for TelegramSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            api_url: DEFAULT_API_URL.to_owned(),
+            token_file: None,
+            allowed_users: Vec::new(),
+            groups: false,
+            poll_timeout_secs: 10,
+            draft_interval_ms: 1000,
+            pairing_ttl_secs: 3600,
+        }
+    }
+}
+
+impl TelegramSettings {
+    /// The adapter's settings with `token`.
+    pub fn adapter_config(&self, token: SecretString) -> TelegramConfig {
+        TelegramConfig {
+            api_url: Some(self.api_url.clone()),
+            allowed_users: self.allowed_users.clone(),
+            groups: self.groups,
+            poll_timeout_secs: self.poll_timeout_secs,
+            draft_interval: std::time::Duration::from_millis(self.draft_interval_ms),
+            pairing_ttl: std::time::Duration::from_secs(self.pairing_ttl_secs),
+            ..TelegramConfig::new(token)
+        }
+    }
+}
+
+/// The Telegram bot token: `OPENPISTA_TELEGRAM_TOKEN`, else the token file
+/// (which must not be readable by group or others).
+pub fn telegram_token(loaded: &Loaded, env: &Env) -> Result<SecretString> {
+    if let Some(token) = &env.telegram_token {
+        return Ok(token.clone());
+    }
+    let Some(raw) = &loaded.config.channels.telegram.token_file else {
+        bail!(
+            "[channels.telegram] is enabled but there is no bot token: set OPENPISTA_TELEGRAM_TOKEN \
+             or point channels.telegram.token_file at a file with mode 0600"
+        );
+    };
+    let mut path = env.expand(raw);
+    if path.is_relative()
+        && let Some(dir) = loaded.paths.config_file.parent()
+    {
+        path = dir.join(path);
+    }
+    let meta = std::fs::metadata(&path)
+        .with_context(|| format!("reading the Telegram token file {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "the Telegram token file {} has mode {mode:o}; make it private: chmod 600 {}",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the Telegram token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("the Telegram token file {} is empty", path.display());
+    }
+    Ok(SecretString::from(token))
 }
 
 /// `[paths]`: empty values mean the defaults under the data directory.
@@ -139,6 +246,8 @@ pub struct Env {
     /// `OPENPISTA_HOME`: one root for config and data (tests, portable installs).
     pub openpista_home: Option<PathBuf>,
     pub api_key: Option<String>,
+    /// `OPENPISTA_TELEGRAM_TOKEN`: the Telegram bot token.
+    pub telegram_token: Option<SecretString>,
     pub path: String,
     /// `OPENPISTA_WORKSPACE`: the workspace, overriding the config file.
     pub workspace: Option<PathBuf>,
@@ -152,6 +261,7 @@ impl Env {
             home: dirs::home_dir(),
             openpista_home: var("OPENPISTA_HOME").map(PathBuf::from),
             api_key: var("OPENPISTA_API_KEY").or_else(|| var("OPENAI_API_KEY")),
+            telegram_token: var("OPENPISTA_TELEGRAM_TOKEN").map(SecretString::from),
             path: var("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".to_owned()),
             workspace: var("OPENPISTA_WORKSPACE").map(PathBuf::from),
         }
@@ -302,6 +412,19 @@ fn validate(config: &Config) -> Result<()> {
         bail!("tools.system_run.sandbox = \"docker\" needs [sandbox.docker] enabled = true");
     }
     config.gateway.validate()?;
+    let tg = &config.channels.telegram;
+    if tg.poll_timeout_secs > MAX_POLL_TIMEOUT_SECS {
+        bail!("channels.telegram.poll_timeout_secs must be at most {MAX_POLL_TIMEOUT_SECS}");
+    }
+    if tg.draft_interval_ms < 100 {
+        bail!("channels.telegram.draft_interval_ms must be at least 100");
+    }
+    if tg.pairing_ttl_secs == 0 {
+        bail!("channels.telegram.pairing_ttl_secs must be at least 1");
+    }
+    if url::Url::parse(&tg.api_url).is_err() {
+        bail!("channels.telegram.api_url is not a URL: {:?}", tg.api_url);
+    }
     Ok(())
 }
 
@@ -319,6 +442,7 @@ mod tests {
         );
         assert_eq!(c.llm.local, LocalConfig::default());
         assert_eq!(c.gateway, GatewayConfig::default());
+        assert_eq!(c.channels, ChannelsConfig::default());
         assert_eq!(c.skills.limits, SkillLimits::default());
         assert_eq!(c.sandbox.docker, DockerConfig::default());
         assert_eq!(c.tools.system_run, CommandPolicy::default());
@@ -367,6 +491,14 @@ mod tests {
         assert!(parse("[llm.local]\ntemperature = -1.0\n", Path::new("c")).is_err());
         assert!(parse("[llm]\nprovider = \"scripted\"\n", Path::new("c")).is_err());
         assert!(parse("[llm]\nprovider = \"nope\"\n", Path::new("c")).is_err());
+        assert!(
+            parse(
+                "[channels.telegram]\npoll_timeout_secs = 500\n",
+                Path::new("c")
+            )
+            .is_err()
+        );
+        assert!(parse("[channels.telegram]\napi_url = \"nope\"\n", Path::new("c")).is_err());
     }
 
     #[test]
