@@ -118,3 +118,24 @@ with zipfile.ZipFile(wheel) as z:
 PY
     rm -rf "$tmp"
 }
+
+# C to WebAssembly (WASI preview 1) with Debian's packages, for the WASM skills.
+install_wasm_toolchain() {
+    apt_install clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32
+}
+
+# Builds every skills/*/*.c next to it as a .wasm module (WASI preview 1),
+# only when the .wasm is missing or older than its source.
+build_wasm_skills() {
+    local src out
+    for src in "$ROOT"/skills/*/*.c; do
+        [ -e "$src" ] || continue
+        grep -q '^mode: wasm' "$(dirname "$src")/SKILL.md" 2>/dev/null || continue
+        out="${src%.c}.wasm"
+        if [ ! -s "$out" ] || [ "$src" -nt "$out" ]; then
+            echo "==> building ${out#"$ROOT"/}"
+            clang-14 --target=wasm32-wasi -fuse-ld=lld -O2 "$src" -o "$out.part"
+            mv "$out.part" "$out"
+        fi
+    done
+}

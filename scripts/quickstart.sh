@@ -4,6 +4,8 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 install_build_deps
 fetch_default_model
+install_wasm_toolchain
+build_wasm_skills
 cd "$ROOT"
 echo "==> building openpista (release; the first build compiles llama.cpp and takes a while)"
 cargo build --release --locked -p openpista-cli

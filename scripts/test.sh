@@ -9,6 +9,8 @@ install_test_python
 install_docker
 trap stop_test_dockerd EXIT
 start_test_dockerd
+install_wasm_toolchain
+build_wasm_skills
 cd "$ROOT"
 export OPENPISTA_TEST_MODELS_DIR="$MODELS_DIR"
 echo "==> cargo fmt --check"

@@ -219,6 +219,34 @@ pub struct SandboxConfig {
     /// `[sandbox.docker]`: containers for `container.run`, `system.run` with
     /// `sandbox = "docker"` and `mode: docker` skills.
     pub docker: DockerConfig,
+    /// `[sandbox.wasm]`: limits and the module cache for `mode: wasm` skills.
+    pub wasm: WasmSandboxConfig,
+}
+
+/// `[sandbox.wasm]`: how `mode: wasm` skills run (wasmtime, WASI preview 1).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WasmSandboxConfig {
+    /// Linear memory cap per call, in MiB.
+    pub memory_mb: u64,
+    /// Deadline in seconds when `SKILL.md` names no `timeout` (at most
+    /// `[skills.limits] max_timeout_secs`).
+    pub timeout_secs: u64,
+    /// Fuel per call (roughly, WebAssembly instructions); unset: no metering.
+    pub fuel: Option<u64>,
+    /// Compiled modules; default `<data_dir>/wasm-cache`.
+    pub cache_dir: Option<String>,
+}
+
+impl Default for WasmSandboxConfig {
+    fn default() -> Self {
+        Self {
+            memory_mb: 64,
+            timeout_secs: 30,
+            fuel: None,
+            cache_dir: None,
+        }
+    }
 }
 
 /// Log output format.
@@ -445,6 +473,7 @@ mod tests {
         assert_eq!(c.channels, ChannelsConfig::default());
         assert_eq!(c.skills.limits, SkillLimits::default());
         assert_eq!(c.sandbox.docker, DockerConfig::default());
+        assert_eq!(c.sandbox.wasm, WasmSandboxConfig::default());
         assert_eq!(c.tools.system_run, CommandPolicy::default());
         assert_eq!(
             c.skills.prompt_budget,

@@ -9,7 +9,8 @@ use openpista_llm::local::{LocalProvider, resolve_model};
 use openpista_llm::openai::OpenAiProvider;
 use openpista_llm::scripted::{Script, ScriptedProvider};
 use openpista_memory::Store;
-use openpista_skills::SkillCatalog;
+use openpista_sandbox::wasm::WasmConfig;
+use openpista_skills::{SkillCatalog, SkillRead, SkillRun, WasmSkills};
 use openpista_tools::ToolRegistry;
 use openpista_tools::container::{ContainerRun, DockerRunner};
 use openpista_tools::system_run::SystemRun;
@@ -49,15 +50,33 @@ pub fn tools(loaded: &Loaded, env: &Env, catalog: Arc<SkillCatalog>) -> Result<A
     for tool in openpista_tools::files::file_tools(loaded.config.tools.files) {
         registry.register(tool)?;
     }
-    for tool in openpista_skills::skill_tools_with_docker(
-        catalog,
-        child_env,
-        loaded.config.skills.limits,
-        docker,
-    ) {
-        registry.register(tool)?;
+    let mut skill_run = SkillRun::new(catalog.clone(), child_env, loaded.config.skills.limits)
+        .with_wasm(wasm_skills(loaded, env));
+    if let Some(runner) = docker {
+        skill_run = skill_run.with_docker(runner);
     }
+    registry.register(Arc::new(SkillRead::new(catalog)))?;
+    registry.register(Arc::new(skill_run))?;
     Ok(Arc::new(registry))
+}
+
+/// `mode: wasm` skills under `[sandbox.wasm]`, with the workspace preopened
+/// read-only and compiled modules cached under `<data_dir>/wasm-cache`.
+fn wasm_skills(loaded: &Loaded, env: &Env) -> WasmSkills {
+    let cfg = &loaded.config.sandbox.wasm;
+    let cache_dir = cfg.cache_dir.as_deref().map_or_else(
+        || loaded.paths.data_dir.join("wasm-cache"),
+        |d| env.expand(d),
+    );
+    WasmSkills::new(
+        WasmConfig {
+            cache_dir: Some(cache_dir),
+            fuel: cfg.fuel,
+        },
+        loaded.paths.workspace.clone(),
+        cfg.memory_mb.saturating_mul(1 << 20),
+        cfg.timeout_secs,
+    )
 }
 
 /// The Docker runner when `[sandbox.docker] enabled = true`.

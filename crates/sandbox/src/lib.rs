@@ -25,8 +25,13 @@
 //!
 //! [`docker`] runs a task in an ephemeral, locked-down container through the
 //! Docker Engine API (bollard).
+//!
+//! [`wasm`] runs WASI preview 1 modules under wasmtime: a shared engine,
+//! cached compiled modules, the workspace preopened read-only, memory, time
+//! and output caps.
 
 pub mod docker;
+pub mod wasm;
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;

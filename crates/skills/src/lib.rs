@@ -13,14 +13,17 @@
 //! skill's instructions, [`SkillRun`] (`skill.run`) runs a subprocess skill
 //! under operator [`SkillLimits`] via `openpista-sandbox`. `mode: docker`
 //! skills run in a fresh container ([`docker`]) when the operator enabled
-//! `[sandbox.docker]`. WASM skills are parsed but not run yet.
+//! `[sandbox.docker]`; with [`WasmSkills`], a `mode: wasm` skill runs as a
+//! WASI module under wasmtime.
 
 mod catalog;
 pub mod docker;
 mod run;
+mod wasm;
 
 pub use catalog::SkillCatalog;
 pub use run::{SkillLimits, SkillRead, SkillRun, skill_tools, skill_tools_with_docker};
+pub use wasm::WasmSkills;
 
 use std::path::{Path, PathBuf};
 

@@ -10,7 +10,9 @@
 //! operator and `SKILL.md`, never from the model's arguments.
 //!
 //! A `mode: docker` skill runs the same way inside a fresh container (see
-//! [`crate::docker`]) when the operator enabled Docker.
+//! [`crate::docker`]) when the operator enabled Docker. A `mode: wasm`
+//! skill's module runs under wasmtime instead (see [`crate::wasm`]) when the
+//! caller enabled WASM skills.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use openpista_tools::{Tool, ToolContext, ToolError, ToolOutput};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::wasm::WasmSkills;
 use crate::{Skill, SkillCatalog, SkillMode};
 
 /// Characters of a skill body returned by `skill.read`.
@@ -180,6 +183,7 @@ pub struct SkillRun {
     env: Vec<(String, String)>,
     limits: SkillLimits,
     docker: Option<Arc<DockerRunner>>,
+    wasm: Option<WasmSkills>,
 }
 
 impl SkillRun {
@@ -194,7 +198,14 @@ impl SkillRun {
             env,
             limits,
             docker: None,
+            wasm: None,
         }
+    }
+
+    /// Lets `mode: wasm` skills run, with `wasm`'s runtime and limits.
+    pub fn with_wasm(mut self, wasm: WasmSkills) -> Self {
+        self.wasm = Some(wasm);
+        self
     }
 
     /// Lets `mode: docker` skills run, in containers made by `runner`.
@@ -260,11 +271,14 @@ impl Tool for SkillRun {
         match mode {
             SkillMode::Subprocess | SkillMode::Docker => {}
             SkillMode::Wasm => {
-                return Err(ToolError::Failed(format!(
-                    "skill {name} uses mode {}, which is not supported yet; only subprocess \
-                     and docker skills can run",
-                    mode.as_str()
-                )));
+                return crate::wasm::run_skill(
+                    self.wasm.as_ref(),
+                    &self.limits,
+                    skill,
+                    args.args,
+                    ctx,
+                )
+                .await;
             }
         }
         let docker = match (mode, &self.docker) {
@@ -362,7 +376,7 @@ fn find<'a>(set: &'a crate::SkillSet, tool: &str, name: &str) -> Result<&'a Skil
 }
 
 /// Validates `args` against the skill's `args` schema, if it has one.
-fn check_args(skill: &Skill, args: &Value) -> Result<(), ToolError> {
+pub(crate) fn check_args(skill: &Skill, args: &Value) -> Result<(), ToolError> {
     let Some(schema) = &skill.meta.args else {
         return Ok(());
     };
@@ -397,7 +411,7 @@ fn check_args(skill: &Skill, args: &Value) -> Result<(), ToolError> {
 /// The canonical skill folder and entry file. The entry (default `run.sh`,
 /// then `main.py`) must be a relative path without `..` whose real location,
 /// after following symlinks, is inside the folder.
-fn resolve_entry(skill: &Skill) -> Result<(PathBuf, PathBuf), ToolError> {
+pub(crate) fn resolve_entry(skill: &Skill) -> Result<(PathBuf, PathBuf), ToolError> {
     let name = &skill.meta.name;
     let dir = std::fs::canonicalize(&skill.dir).map_err(|e| {
         ToolError::Failed(format!(
