@@ -329,6 +329,46 @@ async fn a_slow_reply_streams_into_a_draft_that_is_edited_throttled() {
 }
 
 #[tokio::test]
+async fn a_long_streamed_reply_replaces_its_draft_and_continues_in_order() {
+    let long: String = (0..900).map(|i| format!("<w{i:03}> & ")).collect();
+    let script = format!(
+        "[[reply]]\ntext = {}\nchunk_chars = 100\ndelay_ms = 40\n",
+        toml_string(&long)
+    );
+    let r = Running::start_with(
+        &script,
+        |c| c.draft_interval = Duration::from_millis(250),
+        |tg| tg.push_text(OWNER, "a long one, slowly"),
+    )
+    .await;
+    let expected: Vec<String> = long
+        .split_whitespace()
+        .map(|w| {
+            w.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        })
+        .collect();
+    let t = r
+        .wait_transcript(OWNER, |t| {
+            t.iter().flat_map(|m| m.split_whitespace()).count() >= expected.len()
+        })
+        .await;
+    assert!(
+        !r.tg.calls("editMessageText").is_empty(),
+        "a draft was shown"
+    );
+    assert!(t.len() >= 2, "{} messages", t.len());
+    assert!(t.iter().all(|m| m.chars().count() <= 4096));
+    let words: Vec<&str> = t.iter().flat_map(|m| m.split_whitespace()).collect();
+    assert_eq!(
+        words, expected,
+        "escaped, in order, the draft replaced not repeated"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
 async fn cancel_stops_a_running_turn() {
     let long = "this reply streams slowly and would take far too long to finish ".repeat(10);
     let r = Running::start_with(
