@@ -29,7 +29,7 @@ pub async fn dispatch(command: Command, loaded: Loaded, env: Env) -> Result<Exit
         Command::Skills(cmd) => skills(&loaded, &env, cmd).await,
         Command::Audit(args) => audit(&loaded, args).await,
         Command::Cron(cmd) => crate::cron::cron(&loaded, &env, cmd).await,
-        Command::Telegram(cmd) => crate::telegram::telegram(&loaded, cmd).await,
+        Command::Telegram(cmd) => crate::telegram::telegram(&loaded, &env, cmd).await,
     }
 }
 

@@ -7,12 +7,18 @@ use std::process::ExitCode;
 use anyhow::Result;
 use openpista_channels::telegram::TELEGRAM;
 
+use openpista_channels::{ChannelAdapter as _, Outbound};
+use openpista_memory::Store;
+
 use crate::TelegramCommand;
-use crate::config::Loaded;
+use crate::config::{Env, Loaded};
 use crate::wiring;
 
+/// What a newly paired user is told.
+pub const PAIRED_NOTICE: &str = "You're approved: send me a message.";
+
 /// Runs one `telegram` subcommand.
-pub async fn telegram(loaded: &Loaded, cmd: TelegramCommand) -> Result<ExitCode> {
+pub async fn telegram(loaded: &Loaded, env: &Env, cmd: TelegramCommand) -> Result<ExitCode> {
     let store = wiring::store(loaded).await?;
     match cmd {
         TelegramCommand::Pair { code } => {
@@ -23,6 +29,7 @@ pub async fn telegram(loaded: &Loaded, cmd: TelegramCommand) -> Result<ExitCode>
                         "paired Telegram user {} (chat {}); they can talk to the agent now",
                         p.user_id, p.conversation
                     );
+                    tell_paired(loaded, env, store, &p.conversation).await;
                     Ok(ExitCode::SUCCESS)
                 }
                 None => {
@@ -78,5 +85,25 @@ pub async fn telegram(loaded: &Loaded, cmd: TelegramCommand) -> Result<ExitCode>
                 Ok(ExitCode::from(1))
             }
         }
+    }
+}
+
+/// Tells the paired user, when Telegram is enabled and has a token here;
+/// a failure only warns (the pairing itself is done).
+async fn tell_paired(loaded: &Loaded, env: &Env, store: Store, chat: &str) {
+    let adapter = match wiring::telegram(loaded, env, store) {
+        Ok(Some(adapter)) => adapter,
+        Ok(None) => return,
+        Err(e) => {
+            eprintln!("warning: the user was not told ({e:#})");
+            return;
+        }
+    };
+    let out = Outbound {
+        conversation: chat.to_owned(),
+        text: PAIRED_NOTICE.to_owned(),
+    };
+    if let Err(e) = adapter.replier().send(&out).await {
+        eprintln!("warning: the user was not told: {e}");
     }
 }

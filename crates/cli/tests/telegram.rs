@@ -244,7 +244,12 @@ async fn the_daemon_answers_on_telegram_and_pairing_admits_a_refused_user() {
 
     let (bad, good, home) = tokio::task::spawn_blocking(move || {
         let bad = home.run(&["telegram", "pair", "000000x"]);
-        let good = home.run(&["telegram", "pair", &code]);
+        // With the token at hand, `pair` also tells the user.
+        let good = wait_output(
+            home.cmd(&["telegram", "pair", &code], Some(TOKEN))
+                .spawn()
+                .expect("spawn pair"),
+        );
         (bad, good, home)
     })
     .await
@@ -254,9 +259,14 @@ async fn the_daemon_answers_on_telegram_and_pairing_admits_a_refused_user() {
     assert_eq!(good.code, Some(0), "{good:#?}");
     assert!(good.stdout.contains("6666"), "{good:#?}");
 
-    tg.push_text(STRANGER, "thank you");
     let t = wait_messages(&tg, STRANGER, 2).await;
-    assert_eq!(t[1], "thank you", "the paired user reaches the model");
+    assert_eq!(
+        t[1], "You're approved: send me a message.",
+        "pair tells the user"
+    );
+    tg.push_text(STRANGER, "thank you");
+    let t = wait_messages(&tg, STRANGER, 3).await;
+    assert_eq!(t[2], "thank you", "the paired user reaches the model");
 
     let logs = tokio::task::spawn_blocking(move || daemon.stop())
         .await
