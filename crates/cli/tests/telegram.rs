@@ -74,11 +74,13 @@ impl Home {
         wait_output(self.cmd(args, None).spawn().expect("spawn openpista"))
     }
 
+    /// Starts the daemon (the token comes from the 0600 token file).
     fn start(&self) -> Daemon {
-        let mut child = self
-            .cmd(&["start"], Some(TOKEN))
-            .spawn()
-            .expect("spawn start");
+        let file = self.path().join("tg.token");
+        std::fs::write(&file, format!("{TOKEN}\n")).expect("token file");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+        let mut child = self.cmd(&["start"], None).spawn().expect("spawn start");
         let lines = line_reader(child.stdout.take().expect("stdout"));
         let stderr = line_reader(child.stderr.take().expect("stderr"));
         let mut daemon = Daemon {
@@ -202,7 +204,10 @@ async fn start_refuses_telegram_without_a_token_or_with_a_readable_token_file() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_answers_on_telegram_and_pairing_admits_a_refused_user() {
     let tg = FakeTelegram::start().await.unwrap();
-    let home = Home::new(&tg.api_url(), "draft_interval_ms = 100\n");
+    let home = Home::new(
+        &tg.api_url(),
+        "draft_interval_ms = 100\ntoken_file = \"tg.token\"\n",
+    );
     let (daemon, home) = tokio::task::spawn_blocking(move || {
         let add = home.run(&[
             "cron",
@@ -268,6 +273,12 @@ async fn the_daemon_answers_on_telegram_and_pairing_admits_a_refused_user() {
     let t = wait_messages(&tg, STRANGER, 3).await;
     assert_eq!(t[2], "thank you", "the paired user reaches the model");
 
+    assert!(
+        tg.requests()
+            .iter()
+            .all(|r| r.token.as_deref() == Some(TOKEN)),
+        "every request used the bot token from the file (daemon) or the environment (pair)"
+    );
     let logs = tokio::task::spawn_blocking(move || daemon.stop())
         .await
         .unwrap();

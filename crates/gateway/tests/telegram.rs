@@ -222,15 +222,15 @@ async fn a_long_reply_arrives_split_in_order_within_the_limit() {
 }
 
 #[tokio::test]
-async fn html_specials_in_model_text_are_escaped() {
-    let r = Running::start(&reply("if a < b && c > d then <b>x</b>"), |tg| {
-        tg.push_text(OWNER, "compare")
-    })
-    .await;
+async fn html_and_markdown_specials_in_model_text_survive() {
+    let markdown_specials = r"_a_ *b* [c](d) ~e~ `f` #g +h -i =j |k {l} .m !n \o";
+    let text = format!("if a < b && c > d then <b>x</b>\n{markdown_specials}");
+    let r = Running::start(&reply(&text), |tg| tg.push_text(OWNER, "compare")).await;
     let t = r.wait_messages(OWNER, 1).await;
     assert_eq!(
         t[0],
-        "if a &lt; b &amp;&amp; c &gt; d then &lt;b&gt;x&lt;/b&gt;"
+        format!("if a &lt; b &amp;&amp; c &gt; d then &lt;b&gt;x&lt;/b&gt;\n{markdown_specials}"),
+        "HTML specials escaped, MarkdownV2 specials untouched (HTML parse mode)"
     );
     r.stop().await;
 }

@@ -36,6 +36,8 @@ pub struct TgRequest {
     pub method: String,
     /// The JSON body (`Null` if it was not JSON).
     pub body: Value,
+    /// The bot token from the path (`/bot{token}/{method}`).
+    pub token: Option<String>,
 }
 
 /// A scripted failure for the next call of one method.
@@ -222,9 +224,15 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         {
             obj.insert("__failed".into(), Value::Bool(true));
         }
+        let token = req
+            .path
+            .strip_prefix("/bot")
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(token, _)| token.to_owned());
         lock(&shared.requests).push(TgRequest {
             method: method.clone(),
             body: body.clone(),
+            token,
         });
         let (code, answer) = match failure {
             Some(f) => {
