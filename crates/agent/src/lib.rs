@@ -21,6 +21,7 @@ mod context;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -194,6 +195,11 @@ impl Agent {
 
     /// Opens an existing session; `NotFound` if it does not exist.
     pub async fn open_session(&self, id: &SessionId) -> Result<Arc<AgentSession>, AgentError> {
+        // A live session exists (sessions are not deleted under a running
+        // agent), so the store is asked only for the first use of an id.
+        if let Some(live) = self.live.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(live.clone());
+        }
         if self.shared.store.get_session(id).await?.is_none() {
             return Err(AgentError::NotFound(id.clone()));
         }
@@ -221,10 +227,31 @@ impl Agent {
                     shared: self.shared.clone(),
                     turn_lock: tokio::sync::Mutex::new(()),
                     running: Mutex::new(None),
+                    titled: AtomicBool::new(false),
                 })
             })
             .clone()
     }
+}
+
+/// Which of a turn's audit rows are written.
+#[derive(Debug, Default)]
+struct TurnAudit {
+    started: bool,
+    finished: bool,
+}
+
+/// The detail of a `turn_finished` audit row.
+fn turn_finished_detail(
+    outcome: &str,
+    llm_calls: Option<u32>,
+    tool_calls: Option<u32>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "outcome": outcome,
+        "llm_calls": llm_calls,
+        "tool_calls": tool_calls,
+    })
 }
 
 /// One conversation. Turns run one at a time.
@@ -233,6 +260,8 @@ pub struct AgentSession {
     shared: Arc<Shared>,
     turn_lock: tokio::sync::Mutex<()>,
     running: Mutex<Option<CancellationToken>>,
+    /// Whether this process already made sure the session has a title.
+    titled: AtomicBool,
 }
 
 impl std::fmt::Debug for AgentSession {
@@ -273,10 +302,10 @@ impl AgentSession {
         let _turn = self.turn_lock.lock().await;
         let cancel = cancel.child_token();
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(cancel.clone());
-        let mut audited_start = false;
-        let mut result = self.turn(text, &events, &cancel, &mut audited_start).await;
+        let mut audited = TurnAudit::default();
+        let mut result = self.turn(text, &events, &cancel, &mut audited).await;
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        if audited_start {
+        if audited.started && !audited.finished {
             let (outcome, llm_calls, tool_calls) = match &result {
                 Ok(o) => ("ok", Some(o.llm_calls), Some(o.tool_calls)),
                 Err(e) => (e.code().as_str(), None, None),
@@ -284,11 +313,7 @@ impl AgentSession {
             let finished = self
                 .audit(
                     "turn_finished",
-                    serde_json::json!({
-                        "outcome": outcome,
-                        "llm_calls": llm_calls,
-                        "tool_calls": tool_calls,
-                    }),
+                    turn_finished_detail(outcome, llm_calls, tool_calls),
                 )
                 .await;
             // A turn whose end cannot be audited is reported as failed.
@@ -318,19 +343,27 @@ impl AgentSession {
         text: &str,
         events: &mpsc::Sender<AgentEvent>,
         cancel: &CancellationToken,
-        audited_start: &mut bool,
+        audited: &mut TurnAudit,
     ) -> Result<TurnOutcome, AgentError> {
         let sh = &self.shared;
-        let user_message_id = sh
+        // The message and its `turn_started` audit row are one write.
+        let session = self.id.clone();
+        let (ids, _) = sh
             .store
-            .append_message(&self.id, &ChatMessage::user(text), None)
+            .append_messages_audited(&self.id, &[(&ChatMessage::user(text), None)], move |ids| {
+                AuditEntry {
+                    session_id: Some(session),
+                    actor: "agent".to_owned(),
+                    action: "turn_started".to_owned(),
+                    detail: serde_json::json!({ "user_message_id": ids.first().map(|m| m.0) }),
+                }
+            })
             .await?;
-        self.audit(
-            "turn_started",
-            serde_json::json!({ "user_message_id": user_message_id.0 }),
-        )
-        .await?;
-        *audited_start = true;
+        let user_message_id = ids
+            .first()
+            .copied()
+            .ok_or_else(|| MemoryError::SessionNotFound(self.id.clone()))?;
+        audited.started = true;
         let _ = events
             .send(AgentEvent::Accepted {
                 session_id: self.id.clone(),
@@ -338,13 +371,13 @@ impl AgentSession {
             })
             .await;
         tracing::info!(session = %self.id, message = %user_message_id, "turn started");
-        // A session is titled by its first message, for `sessions list`.
-        if let Some(rec) = sh.store.get_session(&self.id).await?
-            && rec.title.is_none()
-        {
+        // A session is titled by its first message, for `sessions list`: one
+        // conditional write per session and process.
+        if !self.titled.load(Ordering::Relaxed) {
             let title: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
             let title: String = title.chars().take(60).collect();
-            sh.store.set_title(&self.id, Some(&title)).await?;
+            sh.store.set_title_if_unset(&self.id, &title).await?;
+            self.titled.store(true, Ordering::Relaxed);
         }
 
         let mut usage = Usage::default();
@@ -455,10 +488,22 @@ impl AgentSession {
             );
 
             if completion.tool_calls.is_empty() {
+                // The reply and its `turn_finished` audit row are one write.
                 let reply = ChatMessage::assistant(completion.text.clone(), Vec::new());
+                let session = self.id.clone();
                 sh.store
-                    .append_message(&self.id, &reply, Some(completion.usage))
+                    .append_messages_audited(
+                        &self.id,
+                        &[(&reply, Some(completion.usage))],
+                        move |_| AuditEntry {
+                            session_id: Some(session),
+                            actor: "agent".to_owned(),
+                            action: "turn_finished".to_owned(),
+                            detail: turn_finished_detail("ok", Some(llm_calls), Some(tool_calls)),
+                        },
+                    )
                     .await?;
+                audited.finished = true;
                 return Ok(TurnOutcome {
                     session_id: self.id.clone(),
                     user_message_id,

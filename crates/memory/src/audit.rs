@@ -26,9 +26,9 @@ use chrono::{DateTime, Utc};
 use openpista_proto::SessionId;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
-use crate::error::{MemoryError, corrupt};
+use crate::error::{ErrorContext, MemoryError, corrupt};
 use crate::store::{Store, col, from_millis, now_millis, sql_limit};
 
 /// The `prev_hash` of the first row: 64 zeros.
@@ -136,24 +136,43 @@ fn chain_hash(
     hex(&h.finalize())
 }
 
-impl Store {
-    /// Appends `entry` to the audit trail and returns its `seq`.
-    ///
-    /// Reads the head and inserts in one `BEGIN IMMEDIATE` transaction, so
-    /// concurrent writers (other tasks or processes) chain one after another.
-    /// [`MemoryError::AuditHeadMissing`] if `audit_head` was deleted.
-    pub async fn append_audit(&self, entry: &AuditEntry) -> Result<i64, MemoryError> {
+/// An [`AuditEntry`] encoded for storage, owned so that it can be handed to
+/// the store's writer and appended in the same transaction as other writes.
+pub(crate) struct EncodedAudit {
+    session: Option<String>,
+    actor: String,
+    action: String,
+    detail: String,
+}
+
+impl EncodedAudit {
+    pub(crate) fn new(entry: &AuditEntry) -> Result<Self, MemoryError> {
         let detail =
             serde_json::to_string(&entry.detail).map_err(|source| MemoryError::Encode {
                 what: "audit detail",
                 source,
             })?;
-        let session = entry.session_id.as_ref().map(|s| s.as_str());
-        let mut tx = self.begin_write().await?;
+        Ok(Self {
+            session: entry.session_id.as_ref().map(|s| s.as_str().to_owned()),
+            actor: entry.actor.clone(),
+            action: entry.action.clone(),
+            detail,
+        })
+    }
+
+    /// Chains this entry onto `audit_head` inside the caller's write
+    /// transaction (which holds the write lock, so concurrent writers, other
+    /// tasks or processes, chain one after another). Returns its `seq`.
+    /// [`MemoryError::AuditHeadMissing`] if `audit_head` was deleted.
+    pub(crate) async fn append(
+        &self,
+        conn: &mut SqliteConnection,
+        ctx: &ErrorContext,
+    ) -> Result<i64, MemoryError> {
         let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *conn)
             .await
-            .map_err(|e| self.sql(e))?
+            .map_err(|e| ctx.sql(e))?
             .ok_or(MemoryError::AuditHeadMissing)?;
         let head_seq: i64 = col(&head, "seq", "audit_head", &1)?;
         let prev_hash: String = col(&head, "hash", "audit_head", &1)?;
@@ -166,10 +185,10 @@ impl Store {
         let hash = chain_hash(
             seq,
             at,
-            session,
-            &entry.actor,
-            &entry.action,
-            &detail,
+            self.session.as_deref(),
+            &self.actor,
+            &self.action,
+            &self.detail,
             &prev_hash,
         );
         sqlx::query(
@@ -178,23 +197,35 @@ impl Store {
         )
         .bind(seq)
         .bind(at)
-        .bind(session)
-        .bind(&entry.actor)
-        .bind(&entry.action)
-        .bind(&detail)
+        .bind(self.session.as_deref())
+        .bind(&self.actor)
+        .bind(&self.action)
+        .bind(&self.detail)
         .bind(&prev_hash)
         .bind(&hash)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await
-        .map_err(|e| self.sql(e))?;
+        .map_err(|e| ctx.sql(e))?;
         sqlx::query("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")
             .bind(seq)
             .bind(&hash)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await
-            .map_err(|e| self.sql(e))?;
-        self.commit(tx).await?;
+            .map_err(|e| ctx.sql(e))?;
         Ok(seq)
+    }
+}
+
+impl Store {
+    /// Appends `entry` to the audit trail and returns its `seq`.
+    ///
+    /// Reads the head and inserts in one `BEGIN IMMEDIATE` transaction, so
+    /// concurrent writers (other tasks or processes) chain one after another.
+    /// [`MemoryError::AuditHeadMissing`] if `audit_head` was deleted.
+    pub async fn append_audit(&self, entry: &AuditEntry) -> Result<i64, MemoryError> {
+        let row = EncodedAudit::new(entry)?;
+        self.write(move |conn, ctx| Box::pin(async move { row.append(conn, ctx).await }))
+            .await
     }
 
     /// The newest `limit` audit rows (of `session`, if given), oldest first.

@@ -123,6 +123,15 @@ pub enum MemoryError {
     #[error("the audit trail head is missing; the audit tables were edited outside openpista")]
     AuditHeadMissing,
 
+    /// A write was not stored because the transaction it shared with other
+    /// writes (group commit) failed, or the store's writer task has stopped
+    /// (the store was closed or its runtime shut down).
+    ///
+    /// Cause: see the message; the first write of a failed batch gets the
+    /// underlying error itself. Retrying may help once the cause is fixed.
+    #[error("database {path}: {message}")]
+    NotStored { path: PathBuf, message: String },
+
     /// Any other SQLite or pool failure: I/O errors, a full disk, a file that
     /// cannot be opened, a closed pool.
     ///
@@ -182,6 +191,34 @@ impl ErrorContext {
                 path: self.path.clone(),
                 source: err,
             },
+        }
+    }
+
+    /// The same failure again, for the next caller of a failed batch (the
+    /// first gets `err` itself).
+    pub(crate) fn replicate(&self, err: &MemoryError) -> MemoryError {
+        match err {
+            MemoryError::Locked { path, waited } => MemoryError::Locked {
+                path: path.clone(),
+                waited: *waited,
+            },
+            MemoryError::NotADatabase { path } => MemoryError::NotADatabase { path: path.clone() },
+            MemoryError::DatabaseCorrupt { path, message } => MemoryError::DatabaseCorrupt {
+                path: path.clone(),
+                message: message.clone(),
+            },
+            other => MemoryError::NotStored {
+                path: self.path.clone(),
+                message: format!("the write was not stored: {other}"),
+            },
+        }
+    }
+
+    /// The writer task is gone (store closed or runtime shut down).
+    pub(crate) fn writer_stopped(&self) -> MemoryError {
+        MemoryError::NotStored {
+            path: self.path.clone(),
+            message: "the write was not stored: the store is closed".into(),
         }
     }
 

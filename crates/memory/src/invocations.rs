@@ -36,52 +36,56 @@ impl Store {
     /// that session.
     pub async fn record_tool_invocation(&self, inv: &ToolInvocation) -> Result<i64, MemoryError> {
         let duration_ms = to_i64("duration_ms", inv.duration_ms)?;
-        let mut tx = self.begin_write().await?;
-        let session_exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = ?)")
+        let inv = inv.clone();
+        self.write(move |conn, ctx| {
+            Box::pin(async move {
+                let session_exists: bool =
+                    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = ?)")
+                        .bind(inv.session_id.as_str())
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(|e| ctx.sql(e))?;
+                if !session_exists {
+                    return Err(MemoryError::SessionNotFound(inv.session_id.clone()));
+                }
+                if let Some(message_id) = inv.message_id {
+                    let in_session: bool = sqlx::query_scalar(
+                        "SELECT EXISTS (SELECT 1 FROM messages WHERE id = ? AND session_id = ?)",
+                    )
+                    .bind(message_id.0)
+                    .bind(inv.session_id.as_str())
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(|e| ctx.sql(e))?;
+                    if !in_session {
+                        return Err(MemoryError::MessageNotFound {
+                            session_id: inv.session_id.clone(),
+                            message_id,
+                        });
+                    }
+                }
+                let done = sqlx::query(
+                    "INSERT INTO tool_invocations (session_id, message_id, call_id, tool_name, args,
+                                                   result, exit_code, duration_ms, outcome, created_at)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
                 .bind(inv.session_id.as_str())
-                .fetch_one(&mut *tx)
+                .bind(inv.message_id.map(|m| m.0))
+                .bind(&inv.call_id)
+                .bind(&inv.tool_name)
+                .bind(&inv.args)
+                .bind(&inv.result)
+                .bind(inv.exit_code)
+                .bind(duration_ms)
+                .bind(inv.outcome.as_str())
+                .bind(inv.created_at.timestamp_millis())
+                .execute(&mut *conn)
                 .await
-                .map_err(|e| self.sql(e))?;
-        if !session_exists {
-            return Err(MemoryError::SessionNotFound(inv.session_id.clone()));
-        }
-        if let Some(message_id) = inv.message_id {
-            let in_session: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM messages WHERE id = ? AND session_id = ?)",
-            )
-            .bind(message_id.0)
-            .bind(inv.session_id.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| self.sql(e))?;
-            if !in_session {
-                return Err(MemoryError::MessageNotFound {
-                    session_id: inv.session_id.clone(),
-                    message_id,
-                });
-            }
-        }
-        let done = sqlx::query(
-            "INSERT INTO tool_invocations (session_id, message_id, call_id, tool_name, args,
-                                           result, exit_code, duration_ms, outcome, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(inv.session_id.as_str())
-        .bind(inv.message_id.map(|m| m.0))
-        .bind(&inv.call_id)
-        .bind(&inv.tool_name)
-        .bind(&inv.args)
-        .bind(&inv.result)
-        .bind(inv.exit_code)
-        .bind(duration_ms)
-        .bind(inv.outcome.as_str())
-        .bind(inv.created_at.timestamp_millis())
-        .execute(&mut *tx)
+                .map_err(|e| ctx.sql(e))?;
+                Ok(done.last_insert_rowid())
+            })
+        })
         .await
-        .map_err(|e| self.sql(e))?;
-        self.commit(tx).await?;
-        Ok(done.last_insert_rowid())
     }
 
     /// The newest `limit` tool invocations of a session, oldest first.

@@ -18,6 +18,7 @@ mod messages;
 mod pairing;
 mod sessions;
 mod store;
+mod writer;
 
 use std::path::{Path, PathBuf, is_separator};
 

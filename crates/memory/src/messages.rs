@@ -2,9 +2,10 @@
 
 use chrono::{DateTime, Utc};
 use openpista_proto::{ChatMessage, MessageId, Role, SessionId, ToolCall, Usage};
-use sqlx::sqlite::SqliteRow;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
-use crate::error::{MemoryError, corrupt};
+use crate::audit::{AuditEntry, EncodedAudit};
+use crate::error::{ErrorContext, MemoryError, corrupt};
 use crate::store::{Store, col, from_millis, now_millis, sql_limit, to_i64, to_u64};
 
 /// A message as stored: its row id, the message, the tokens it cost (if the
@@ -57,47 +58,38 @@ impl Store {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        // Encode everything before taking the write lock.
-        let mut rows = Vec::with_capacity(messages.len());
-        for (message, usage) in messages {
-            rows.push(EncodedMessage::new(message, *usage)?);
-        }
+        let rows = encode_all(messages)?;
+        let session_id = session_id.clone();
+        self.write(move |conn, ctx| {
+            Box::pin(async move { insert_messages(conn, ctx, &session_id, &rows).await })
+        })
+        .await
+    }
 
-        let now = now_millis();
-        let mut tx = self.begin_write().await?;
-        let touched =
-            sqlx::query("UPDATE sessions SET updated_at = MAX(updated_at, ?) WHERE id = ?")
-                .bind(now)
-                .bind(session_id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.sql(e))?;
-        if touched.rows_affected() == 0 {
-            return Err(MemoryError::SessionNotFound(session_id.clone()));
-        }
-        let mut ids = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let done = sqlx::query(
-                "INSERT INTO messages (session_id, role, content, tool_calls, tool_call_id,
-                                       tool_name, prompt_tokens, completion_tokens, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(session_id.as_str())
-            .bind(row.role)
-            .bind(row.content)
-            .bind(row.tool_calls.as_deref())
-            .bind(row.tool_call_id)
-            .bind(row.tool_name)
-            .bind(row.prompt_tokens)
-            .bind(row.completion_tokens)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.sql(e))?;
-            ids.push(MessageId(done.last_insert_rowid()));
-        }
-        self.commit(tx).await?;
-        Ok(ids)
+    /// Like [`Store::append_messages_with_usage`], and in the same transaction
+    /// appends the audit entry that `audit` makes from the new messages' ids:
+    /// the messages and their audit row are stored together or not at all.
+    /// Returns the messages' ids and the audit row's `seq`.
+    pub async fn append_messages_audited<A>(
+        &self,
+        session_id: &SessionId,
+        messages: &[(&ChatMessage, Option<Usage>)],
+        audit: A,
+    ) -> Result<(Vec<MessageId>, i64), MemoryError>
+    where
+        A: FnOnce(&[MessageId]) -> AuditEntry + Send + 'static,
+    {
+        let rows = encode_all(messages)?;
+        let session_id = session_id.clone();
+        self.write(move |conn, ctx| {
+            Box::pin(async move {
+                let ids = insert_messages(conn, ctx, &session_id, &rows).await?;
+                let entry = EncodedAudit::new(&audit(&ids))?;
+                let seq = entry.append(conn, ctx).await?;
+                Ok((ids, seq))
+            })
+        })
+        .await
     }
 
     /// The newest `limit` messages of a session, oldest first (ready to send
@@ -137,18 +129,73 @@ impl Store {
 }
 
 /// One message in its column form.
-struct EncodedMessage<'a> {
+fn encode_all(
+    messages: &[(&ChatMessage, Option<Usage>)],
+) -> Result<Vec<EncodedMessage>, MemoryError> {
+    // Encode everything before queuing for the write lock.
+    messages
+        .iter()
+        .map(|(message, usage)| EncodedMessage::new(message, *usage))
+        .collect()
+}
+
+/// Bumps the session's `updated_at` and inserts `rows` in order, inside the
+/// caller's write transaction. [`MemoryError::SessionNotFound`] if the
+/// session is missing.
+async fn insert_messages(
+    conn: &mut SqliteConnection,
+    ctx: &ErrorContext,
+    session_id: &SessionId,
+    rows: &[EncodedMessage],
+) -> Result<Vec<MessageId>, MemoryError> {
+    let now = now_millis();
+    let touched = sqlx::query("UPDATE sessions SET updated_at = MAX(updated_at, ?) WHERE id = ?")
+        .bind(now)
+        .bind(session_id.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| ctx.sql(e))?;
+    if touched.rows_affected() == 0 {
+        return Err(MemoryError::SessionNotFound(session_id.clone()));
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in rows {
+        let done = sqlx::query(
+            "INSERT INTO messages (session_id, role, content, tool_calls, tool_call_id,
+                                   tool_name, prompt_tokens, completion_tokens, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(session_id.as_str())
+        .bind(row.role)
+        .bind(&row.content)
+        .bind(row.tool_calls.as_deref())
+        .bind(row.tool_call_id.as_deref())
+        .bind(row.tool_name.as_deref())
+        .bind(row.prompt_tokens)
+        .bind(row.completion_tokens)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| ctx.sql(e))?;
+        ids.push(MessageId(done.last_insert_rowid()));
+    }
+    Ok(ids)
+}
+
+/// A message encoded for its row, owned so that it can be handed to the
+/// store's writer.
+struct EncodedMessage {
     role: &'static str,
-    content: &'a str,
+    content: String,
     tool_calls: Option<String>,
-    tool_call_id: Option<&'a str>,
-    tool_name: Option<&'a str>,
+    tool_call_id: Option<String>,
+    tool_name: Option<String>,
     prompt_tokens: Option<i64>,
     completion_tokens: Option<i64>,
 }
 
-impl<'a> EncodedMessage<'a> {
-    fn new(message: &'a ChatMessage, usage: Option<Usage>) -> Result<Self, MemoryError> {
+impl EncodedMessage {
+    fn new(message: &ChatMessage, usage: Option<Usage>) -> Result<Self, MemoryError> {
         let tool_calls = if message.tool_calls.is_empty() {
             None
         } else {
@@ -169,10 +216,10 @@ impl<'a> EncodedMessage<'a> {
         };
         Ok(Self {
             role: message.role.as_str(),
-            content: &message.content,
+            content: message.content.clone(),
             tool_calls,
-            tool_call_id: message.tool_call_id.as_deref(),
-            tool_name: message.name.as_deref(),
+            tool_call_id: message.tool_call_id.clone(),
+            tool_name: message.name.clone(),
             prompt_tokens,
             completion_tokens,
         })

@@ -38,39 +38,51 @@ impl Store {
         channel: &str,
         title: Option<&str>,
     ) -> Result<(), MemoryError> {
-        let now = now_millis();
-        sqlx::query(
-            "INSERT INTO sessions (id, channel, title, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(id.as_str())
-        .bind(channel)
-        .bind(title)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
+        let (id, channel, title) = (id.clone(), channel.to_owned(), title.map(str::to_owned));
+        self.write(move |conn, ctx| {
+            Box::pin(async move {
+                let now = now_millis();
+                sqlx::query(
+                    "INSERT INTO sessions (id, channel, title, created_at, updated_at)
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(id.as_str())
+                .bind(&channel)
+                .bind(title.as_deref())
+                .bind(now)
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| ctx.sql_insert_session(e, &id))?;
+                Ok(())
+            })
+        })
         .await
-        .map_err(|e| self.ctx.sql_insert_session(e, id))?;
-        Ok(())
     }
 
     /// Creates the session unless it exists; returns whether it was created.
     /// An existing session keeps its channel and title.
     pub async fn ensure_session(&self, id: &SessionId, channel: &str) -> Result<bool, MemoryError> {
-        let now = now_millis();
-        let done = sqlx::query(
-            "INSERT INTO sessions (id, channel, title, created_at, updated_at)
-             VALUES (?, ?, NULL, ?, ?)
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(id.as_str())
-        .bind(channel)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
+        let (id, channel) = (id.clone(), channel.to_owned());
+        self.write(move |conn, ctx| {
+            Box::pin(async move {
+                let now = now_millis();
+                let done = sqlx::query(
+                    "INSERT INTO sessions (id, channel, title, created_at, updated_at)
+                     VALUES (?, ?, NULL, ?, ?)
+                     ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(id.as_str())
+                .bind(&channel)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| ctx.sql(e))?;
+                Ok(done.rows_affected() == 1)
+            })
+        })
         .await
-        .map_err(|e| self.sql(e))?;
-        Ok(done.rows_affected() == 1)
     }
 
     /// The session `id`, if it exists.
@@ -139,6 +151,30 @@ impl Store {
             return Err(MemoryError::SessionNotFound(id.clone()));
         }
         Ok(())
+    }
+
+    /// Sets the title of a session that has none (one conditional write, no
+    /// read first); returns whether it was set. An unknown session or one
+    /// with a title is left alone. Does not change `updated_at`.
+    pub async fn set_title_if_unset(
+        &self,
+        id: &SessionId,
+        title: &str,
+    ) -> Result<bool, MemoryError> {
+        let (id, title) = (id.clone(), title.to_owned());
+        self.write(move |conn, ctx| {
+            Box::pin(async move {
+                let done =
+                    sqlx::query("UPDATE sessions SET title = ? WHERE id = ? AND title IS NULL")
+                        .bind(&title)
+                        .bind(id.as_str())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| ctx.sql(e))?;
+                Ok(done.rows_affected() > 0)
+            })
+        })
+        .await
     }
 }
 

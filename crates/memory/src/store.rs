@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::sqlite::SqliteConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -13,6 +14,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use crate::error::{ErrorContext, MemoryError, corrupt};
+use crate::writer::{WriteFuture, Writer};
 
 /// The schema, embedded from the workspace's `migrations/` directory.
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
@@ -57,14 +59,19 @@ impl StoreOptions {
 
 /// The openpista database: sessions, their messages and tool invocations.
 ///
-/// Cheap to clone; clones share one connection pool. Every write that belongs
-/// together (a message and its session's `updated_at`, an assistant message and
-/// its tool results) is one transaction, so a crash leaves either all of it or
-/// none of it.
+/// Cheap to clone; clones share one connection pool and one writer task.
+/// Every write that belongs together (a message and its session's
+/// `updated_at`, an assistant message and its tool results) is atomic, so a
+/// crash leaves either all of it or none of it.
+///
+/// Writes are group-committed (see `writer.rs`): the writes queued while the
+/// previous commit runs share the next transaction and its fsync, each in its
+/// own savepoint. A write returns only after its transaction committed.
 #[derive(Debug, Clone)]
 pub struct Store {
     pub(crate) pool: SqlitePool,
     pub(crate) ctx: Arc<ErrorContext>,
+    writer: Writer,
 }
 
 impl Store {
@@ -109,9 +116,11 @@ impl Store {
             .connect_with(connect)
             .await
             .map_err(|e| ctx.sql(e))?;
+        let ctx = Arc::new(ctx);
         let store = Store {
+            writer: Writer::spawn(pool.clone(), ctx.clone()),
             pool,
-            ctx: Arc::new(ctx),
+            ctx,
         };
         store.migrate().await?;
         tracing::debug!(path = %path.display(), "opened store");
@@ -134,9 +143,11 @@ impl Store {
             .connect_with(connect)
             .await
             .map_err(|e| ctx.sql(e))?;
+        let ctx = Arc::new(ctx);
         let store = Store {
+            writer: Writer::spawn(pool.clone(), ctx.clone()),
             pool,
-            ctx: Arc::new(ctx),
+            ctx,
         };
         store.migrate().await?;
         Ok(store)
@@ -187,9 +198,9 @@ impl Store {
         }
     }
 
-    /// Starts a write transaction that takes the write lock at once
-    /// (`BEGIN IMMEDIATE`), so that the busy timeout applies to it instead of a
-    /// later read-to-write upgrade failing outright.
+    /// Starts a write transaction of its own that takes the write lock at once
+    /// (`BEGIN IMMEDIATE`), outside the group commit. For rare writes; the
+    /// hot paths use [`Store::write`].
     pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, MemoryError> {
         self.pool
             .begin_with("BEGIN IMMEDIATE")
@@ -200,6 +211,31 @@ impl Store {
     /// Commits `tx`, mapping failures.
     pub(crate) async fn commit(&self, tx: Transaction<'static, Sqlite>) -> Result<(), MemoryError> {
         tx.commit().await.map_err(|e| self.ctx.sql(e))
+    }
+
+    /// Runs `write` atomically in the next group-committed write transaction
+    /// (which takes the write lock at once, `BEGIN IMMEDIATE`, so the busy
+    /// timeout applies) and returns its result once that transaction is
+    /// committed. An `Err` from `write` rolls back only `write`'s changes.
+    ///
+    /// `write` gets the store's error context for mapping sqlx errors, and
+    /// must use only the connection it is given.
+    pub(crate) async fn write<T, F>(&self, write: F) -> Result<T, MemoryError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection, &'c ErrorContext) -> WriteFuture<'c, T>
+            + Send
+            + 'static,
+    {
+        let ctx = self.ctx.clone();
+        self.writer
+            .write(move |conn| {
+                Box::pin(async move {
+                    let ctx = ctx;
+                    write(conn, &ctx).await
+                })
+            })
+            .await
     }
 
     /// Maps an sqlx error with this store's context.

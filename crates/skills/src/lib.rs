@@ -174,7 +174,7 @@ pub fn load(path: &Path) -> Result<Skill, SkillError> {
         return Err(err("description is empty".into()));
     }
     if let Some(schema) = &meta.args
-        && let Err(e) = jsonschema::validator_for(schema)
+        && let Err(e) = openpista_tools::compile_schema(schema)
     {
         return Err(err(format!("args is not a valid JSON schema: {e}")));
     }

@@ -138,6 +138,21 @@ pub struct ToolResult {
     pub duration: Duration,
 }
 
+/// Compiles an argument schema into a validator. A schema that does not name
+/// its dialect with `$schema` is read as JSON Schema draft 7, which has every
+/// keyword tool arguments use: checking a schema against the 2020-12
+/// meta-schema (the library's default) allocated about 2 MB per tool, and that
+/// was most of an idle daemon's heap.
+pub fn compile_schema(schema: &serde_json::Value) -> Result<jsonschema::Validator, String> {
+    let named = schema.get("$schema").is_some();
+    let compiled = if named {
+        jsonschema::validator_for(schema)
+    } else {
+        jsonschema::draft7::new(schema)
+    };
+    compiled.map_err(|e| e.to_string())
+}
+
 struct Registered {
     tool: Arc<dyn Tool>,
     definition: ToolDefinition,
@@ -164,12 +179,11 @@ impl ToolRegistry {
     /// Adds a tool. Fails if its schema is not a valid JSON schema or the name is taken.
     pub fn register(&mut self, tool: Arc<dyn Tool>) -> Result<(), ToolError> {
         let definition = tool.definition();
-        let validator = jsonschema::validator_for(&definition.parameters).map_err(|e| {
-            ToolError::InvalidArguments {
+        let validator =
+            compile_schema(&definition.parameters).map_err(|e| ToolError::InvalidArguments {
                 tool: definition.name.clone(),
                 reason: format!("the tool's own schema is invalid: {e}"),
-            }
-        })?;
+            })?;
         if self.tools.contains_key(&definition.name) {
             return Err(ToolError::Failed(format!(
                 "tool {} is registered twice",

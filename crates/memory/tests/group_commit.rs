@@ -1,0 +1,168 @@
+//! Group commit: concurrent writes share transactions, yet each write is
+//! atomic on its own, a failing write does not take its neighbours down, and
+//! a write whose caller stopped waiting is still stored.
+
+use std::time::Duration;
+
+use openpista_memory::{AuditEntry, MemoryError, Store};
+use openpista_proto::{ChatMessage, SessionId};
+
+fn sid(raw: &str) -> SessionId {
+    SessionId::parse(raw).unwrap()
+}
+
+async fn file_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+    (dir, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_commit_independently() {
+    let (_dir, store) = file_store().await;
+    let good = sid("good");
+    store.create_session(&good, "test", None).await.unwrap();
+
+    // 200 writers at once: every third one names a session that does not
+    // exist, so its write fails inside whatever batch it lands in.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let store = store.clone();
+        let target = if i % 3 == 0 {
+            sid("missing")
+        } else {
+            good.clone()
+        };
+        tasks.spawn(async move {
+            let r = store
+                .append_message(&target, &ChatMessage::user(format!("m{i}")), None)
+                .await;
+            (i, r)
+        });
+    }
+    let mut ok = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (i, r) = joined.unwrap();
+        if i % 3 == 0 {
+            assert!(
+                matches!(r, Err(MemoryError::SessionNotFound(_))),
+                "write {i}: {r:?}"
+            );
+        } else {
+            r.unwrap_or_else(|e| panic!("write {i} failed: {e}"));
+            ok += 1;
+        }
+    }
+    let stored = store.recent_messages(&good, 1000).await.unwrap();
+    assert_eq!(
+        stored.len(),
+        ok,
+        "exactly the acknowledged writes are stored"
+    );
+    // Every acknowledged text is there once.
+    let mut texts: Vec<String> = stored.into_iter().map(|m| m.message.content).collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len(), ok);
+}
+
+#[tokio::test]
+async fn messages_and_their_audit_row_are_stored_together() {
+    let (_dir, store) = file_store().await;
+    let id = sid("s1");
+    store.create_session(&id, "test", None).await.unwrap();
+    let session = id.clone();
+    let (ids, seq) = store
+        .append_messages_audited(&id, &[(&ChatMessage::user("hello"), None)], move |ids| {
+            AuditEntry {
+                session_id: Some(session),
+                actor: "test".into(),
+                action: "turn_started".into(),
+                detail: serde_json::json!({ "user_message_id": ids[0].0 }),
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 1);
+    let rows = store.audit(10, Some(&id)).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].seq, seq);
+    assert_eq!(rows[0].detail["user_message_id"], ids[0].0);
+    assert!(store.verify_audit().await.unwrap().first_bad.is_none());
+
+    // A missing session: neither the messages nor the audit row are stored.
+    let before = store.audit(100, None).await.unwrap().len();
+    let err = store
+        .append_messages_audited(
+            &sid("missing"),
+            &[(&ChatMessage::user("lost"), None)],
+            |_| AuditEntry {
+                session_id: None,
+                actor: "test".into(),
+                action: "never".into(),
+                detail: serde_json::json!({}),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MemoryError::SessionNotFound(_)), "{err:?}");
+    assert_eq!(store.audit(100, None).await.unwrap().len(), before);
+}
+
+#[tokio::test]
+async fn a_write_whose_caller_stopped_waiting_is_still_stored() {
+    let (_dir, store) = file_store().await;
+    let id = sid("s1");
+    store.create_session(&id, "test", None).await.unwrap();
+    // Polled once (which queues the write), then dropped.
+    let gone = tokio::time::timeout(
+        Duration::ZERO,
+        store.append_message(&id, &ChatMessage::user("orphan"), None),
+    )
+    .await;
+    assert!(
+        gone.is_err(),
+        "the write should not have finished in zero time"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored = store.recent_messages(&id, 10).await.unwrap();
+        if stored.len() == 1 {
+            assert_eq!(stored[0].message.content, "orphan");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never stored");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_closed_store_refuses_writes_with_a_clear_error() {
+    let (_dir, store) = file_store().await;
+    store.close().await;
+    let err = store
+        .create_session(&sid("s1"), "test", None)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("closed") || matches!(err, MemoryError::Database { .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn title_is_set_once() {
+    let (_dir, store) = file_store().await;
+    let id = sid("s1");
+    store.create_session(&id, "test", None).await.unwrap();
+    assert!(store.set_title_if_unset(&id, "first").await.unwrap());
+    assert!(!store.set_title_if_unset(&id, "second").await.unwrap());
+    assert!(
+        !store
+            .set_title_if_unset(&sid("missing"), "x")
+            .await
+            .unwrap()
+    );
+    let rec = store.get_session(&id).await.unwrap().unwrap();
+    assert_eq!(rec.title.as_deref(), Some("first"));
+}
