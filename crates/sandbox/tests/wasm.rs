@@ -416,3 +416,44 @@ fn a_cancel_flag_set_before_the_run_stops_it() {
     let r = rt.run(&m, &request(b"", None), Some(&flag));
     assert!(matches!(r, Err(WasmError::Cancelled { .. })), "{r:?}");
 }
+
+#[test]
+fn concurrent_calls_share_one_engine_and_keep_their_own_limits() {
+    let rt = runtime();
+    let echo = rt.load(module(ECHO).as_bytes()).expect("compiles");
+    let spin = rt
+        .load(br#"(module (func (export "_start") (loop $l (br $l))))"#)
+        .expect("compiles");
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let spinner = s.spawn(|| {
+            let mut req = request(b"", None);
+            req.limits.timeout = Duration::from_millis(500);
+            rt.run(&spin, &req, None)
+        });
+        let echoes: Vec<_> = (0..4)
+            .map(|i| {
+                let (rt, echo) = (&rt, &echo);
+                s.spawn(move || rt.run(echo, &request(format!("call {i}").as_bytes(), None), None))
+            })
+            .collect();
+        for (i, h) in echoes.into_iter().enumerate() {
+            let out = h.join().expect("thread").expect("runs");
+            assert_eq!(out.stdout, format!("call {i}"));
+        }
+        let r = spinner.join().expect("thread");
+        assert!(
+            matches!(r, Err(WasmError::DeadlineExceeded { .. })),
+            "{r:?}"
+        );
+    });
+    assert!(started.elapsed() < Duration::from_secs(30), "did not hang");
+    // After all calls ended, a new one still gets its deadline enforced.
+    let mut req = request(b"", None);
+    req.limits.timeout = Duration::from_millis(100);
+    let r = rt.run(&spin, &req, None);
+    assert!(
+        matches!(r, Err(WasmError::DeadlineExceeded { .. })),
+        "{r:?}"
+    );
+}
