@@ -107,9 +107,9 @@ pub struct WasmOutput {
     pub stdout: String,
     /// Captured stderr (lossy UTF-8), at most `output_limit` bytes of it.
     pub stderr: String,
-    /// Bytes of stdout written but not kept.
+    /// Characters of stdout written but not kept (UTF-8 lead bytes counted).
     pub dropped_stdout: u64,
-    /// Bytes of stderr written but not kept.
+    /// Characters of stderr written but not kept (UTF-8 lead bytes counted).
     pub dropped_stderr: u64,
     /// Wall time from the start of instantiation to the end of the run.
     pub duration: Duration,
@@ -552,12 +552,14 @@ impl WasmRuntime {
             .and_then(|start| start.call(&mut store, ()));
         let denied = store.data().limiter.denied;
         drop(store);
+        let (stdout, dropped_stdout) = stdout.finish();
+        let (stderr, dropped_stderr) = stderr.finish();
         let output = Box::new(WasmOutput {
             duration: started.elapsed(),
-            dropped_stdout: stdout.dropped(),
-            dropped_stderr: stderr.dropped(),
-            stdout: stdout.text(),
-            stderr: stderr.text(),
+            stdout,
+            stderr,
+            dropped_stdout,
+            dropped_stderr,
         });
         let Err(e) = result else {
             return Ok(*output);
@@ -711,7 +713,10 @@ struct Capture {
 #[derive(Default)]
 struct Captured {
     kept: Vec<u8>,
+    /// Characters not kept.
     dropped: u64,
+    /// Some bytes were not kept.
+    cut: bool,
 }
 
 impl Capture {
@@ -725,26 +730,22 @@ impl Capture {
     fn push(&self, bytes: &[u8]) {
         let mut c = lock(&self.inner);
         let room = self.limit.saturating_sub(c.kept.len()).min(bytes.len());
-        c.kept.extend_from_slice(&bytes[..room]);
-        c.dropped += (bytes.len() - room) as u64;
+        let (keep, rest) = bytes.split_at(room);
+        c.kept.extend_from_slice(keep);
+        c.dropped += crate::count_chars(rest);
+        c.cut |= !rest.is_empty();
     }
 
-    fn dropped(&self) -> u64 {
-        lock(&self.inner).dropped
-    }
-
-    fn text(&self) -> String {
+    /// The kept text (lossy UTF-8) and the characters dropped.
+    fn finish(&self) -> (String, u64) {
         let c = lock(&self.inner);
-        let mut kept = c.kept.as_slice();
-        if c.dropped > 0 {
+        let mut kept = c.kept.clone();
+        let mut dropped = c.dropped;
+        if c.cut {
             // The cut may have split a character: drop its incomplete start.
-            if let Err(e) = std::str::from_utf8(kept)
-                && e.error_len().is_none()
-            {
-                kept = &kept[..e.valid_up_to()];
-            }
+            crate::trim_incomplete_tail(&mut kept, &mut dropped);
         }
-        String::from_utf8_lossy(kept).into_owned()
+        (String::from_utf8_lossy(&kept).into_owned(), dropped)
     }
 }
 
@@ -872,16 +873,17 @@ mod tests {
         let c = Capture::new(4);
         c.push(b"01");
         c.push(b"23456789");
-        assert_eq!(c.text(), "0123");
-        assert_eq!(c.dropped(), 6);
+        assert_eq!(c.finish(), ("0123".to_owned(), 6));
     }
 
     #[test]
     fn capture_drops_a_split_character() {
         let c = Capture::new(2);
         c.push("aé".as_bytes());
-        assert_eq!(c.text(), "a");
-        assert_eq!(c.dropped(), 1);
+        assert_eq!(c.finish(), ("a".to_owned(), 1));
+        let c = Capture::new(1);
+        c.push("ééé".as_bytes());
+        assert_eq!(c.finish(), (String::new(), 3));
     }
 
     #[test]
