@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use openpista_agent::{Agent, AgentConfig, AgentParts};
 use openpista_client::{Client, Event, Trust};
-use openpista_gateway::{Gateway, GatewayConfig, QuicServer, TlsIdentity};
+use openpista_gateway::{Gateway, GatewayConfig, QuicServer, SendRequest, TlsIdentity};
 use openpista_llm::scripted::{Script, ScriptedProvider};
-use openpista_memory::Store;
+use openpista_memory::{Store, StoreOptions};
 use openpista_proto::{AgentEvent, Role, SessionId};
 use openpista_tools::builtin_registry;
 
@@ -89,9 +89,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// One fresh server, store and set of clients.
-async fn rep(o: &Options) -> anyhow::Result<Rep> {
+async fn rep(o: &Options, max_batch: usize, quic: bool) -> anyhow::Result<Rep> {
     let dir = tempfile::tempdir()?;
-    let store = Store::open(&dir.path().join("db.sqlite")).await?;
+    let store = Store::open_with(
+        &dir.path().join("db.sqlite"),
+        &StoreOptions::default().with_max_batch(max_batch),
+    )
+    .await?;
     let script = "on_exhausted = \"repeat_last\"\n[[reply]]\ntext = \"ok\"\n";
     let llm = Arc::new(ScriptedProvider::new(Script::from_toml(script)?));
     let workspace = dir.path().join("ws");
@@ -117,37 +121,67 @@ async fn rep(o: &Options) -> anyhow::Result<Rep> {
     let trust = Trust::Fingerprint(server.fingerprint().to_owned());
 
     let mut clients = Vec::with_capacity(o.clients);
-    for _ in 0..o.clients {
-        clients
-            .push(Client::connect(server.local_addr(), Some(TOKEN.into()), trust.clone()).await?);
+    if quic {
+        for _ in 0..o.clients {
+            clients.push(
+                Client::connect(server.local_addr(), Some(TOKEN.into()), trust.clone()).await?,
+            );
+        }
     }
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for (c, client) in clients.into_iter().enumerate() {
+    for c in 0..o.clients {
         let messages = o.messages;
+        let client = clients.pop();
+        let gateway = gateway.clone();
         tasks.spawn(async move {
             let mut session: Option<SessionId> = None;
             let mut times = Vec::with_capacity(messages);
             for m in 0..messages {
                 let t0 = Instant::now();
-                let events = client
-                    .send(session.as_ref(), &format!("client {c} message {m}"))
-                    .await?
-                    .collect_all()
-                    .await?;
+                let text = format!("client {c} message {m}");
+                // Over QUIC through the SDK, or straight into the in-process
+                // gateway (same sessions, store and agent; no network, no TLS).
+                let events: Vec<AgentEvent> = match &client {
+                    Some(client) => client
+                        .send(session.as_ref(), &text)
+                        .await?
+                        .collect_all()
+                        .await?
+                        .into_iter()
+                        .filter_map(|e| match e {
+                            Event::Agent(ev) => Some(ev),
+                            _ => None,
+                        })
+                        .collect(),
+                    None => {
+                        gateway
+                            .send(SendRequest {
+                                session_id: session.clone(),
+                                text,
+                                idempotency_key: None,
+                                channel: "bench".into(),
+                                create_missing: false,
+                            })
+                            .await?
+                            .collect()
+                            .await
+                    }
+                };
                 times.push(t0.elapsed());
                 if session.is_none()
-                    && let Some(Event::Agent(AgentEvent::Accepted { session_id, .. })) =
-                        events.first()
+                    && let Some(AgentEvent::Accepted { session_id, .. }) = events.first()
                 {
                     session = Some(session_id.clone());
                 }
                 match events.last() {
-                    Some(Event::Agent(AgentEvent::Final { .. })) => {}
+                    Some(AgentEvent::Final { .. }) => {}
                     other => bail!("client {c} message {m} ended with {other:?}"),
                 }
             }
-            client.close().await;
+            if let Some(client) = client {
+                client.close().await;
+            }
             anyhow::Ok(times)
         });
     }
@@ -201,26 +235,49 @@ fn main() -> anyhow::Result<()> {
         o.reps,
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
+    // Each rep runs, one after the other under the same load: the production
+    // path (QUIC + group commit), the same with group commit off (every write
+    // its own transaction and fsync), and the in-process gateway (same store
+    // and agent, no QUIC), so the ratios are measured side by side.
     let mut reps = Vec::new();
+    let mut singles = Vec::new();
+    let mut inprocs = Vec::new();
     for i in 0..o.reps {
-        let r = rt.block_on(rep(&o))?;
-        println!(
-            "  rep {}: {:>8.0} msg/s  p50 {:>6.2} ms  p99 {:>6.2} ms  stored {}/{}",
-            i + 1,
-            r.rate,
-            r.p50_ms,
-            r.p99_ms,
-            r.stored,
-            r.expected
-        );
-        reps.push(r);
+        for (label, max_batch, quic, into) in [
+            ("group commit", 256usize, true, &mut reps),
+            ("one commit per write", 1, true, &mut singles),
+            ("in-process, no QUIC", 256, false, &mut inprocs),
+        ] {
+            let r = rt.block_on(rep(&o, max_batch, quic))?;
+            println!(
+                "  rep {} {label:<21}: {:>7.0} msg/s  p50 {:>6.2} ms  p99 {:>6.2} ms  stored {}/{}",
+                i + 1,
+                r.rate,
+                r.p50_ms,
+                r.p99_ms,
+                r.stored,
+                r.expected
+            );
+            into.push(r);
+        }
     }
-    let lost = reps.iter().any(|r| r.stored != r.expected);
+    let lost = reps
+        .iter()
+        .chain(&singles)
+        .chain(&inprocs)
+        .any(|r| r.stored != r.expected);
     let rate = median(reps.iter().map(|r| r.rate).collect());
     let p50 = median(reps.iter().map(|r| r.p50_ms).collect());
     let p99 = median(reps.iter().map(|r| r.p99_ms).collect());
+    let single_rate = median(singles.iter().map(|r| r.rate).collect());
+    let single_p99 = median(singles.iter().map(|r| r.p99_ms).collect());
+    let inproc_rate = median(inprocs.iter().map(|r| r.rate).collect());
+    let inproc_p99 = median(inprocs.iter().map(|r| r.p99_ms).collect());
     let yes_no = |b: bool| if b { "yes" } else { "no" };
-    println!("median of {} rep(s):", reps.len());
+    println!(
+        "median of {} rep(s), production path (QUIC, group commit):",
+        reps.len()
+    );
     println!(
         "  round trips/s   {rate:>9.0}   target > {TARGET_RATE:.0}   met: {}",
         yes_no(rate > TARGET_RATE)
@@ -229,6 +286,16 @@ fn main() -> anyhow::Result<()> {
     println!(
         "  p99 round trip  {p99:>9.2} ms   target < {TARGET_P99_MS} ms   met: {}",
         yes_no(p99 < TARGET_P99_MS)
+    );
+    println!(
+        "  one commit per write: {single_rate:.0} msg/s, p99 {single_p99:.2} ms; \
+         group commit throughput ratio {:.2}x",
+        rate / single_rate.max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "  in-process gateway (same store and agent, no QUIC): {inproc_rate:.0} msg/s, \
+         p99 {inproc_p99:.2} ms; QUIC / in-process throughput {:.2}",
+        rate / inproc_rate.max(f64::MIN_POSITIVE)
     );
     println!(
         "  zero lost: {}   (user + assistant rows in SQLite == 2 x messages, every rep)",

@@ -14,7 +14,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use crate::error::{ErrorContext, MemoryError, corrupt};
-use crate::writer::{WriteFuture, Writer};
+use crate::writer::{DEFAULT_MAX_BATCH, WriteFuture, Writer};
 
 /// The schema, embedded from the workspace's `migrations/` directory.
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
@@ -32,6 +32,9 @@ pub struct StoreOptions {
     /// Size of the connection pool (SQLite allows one writer at a time; the
     /// others only read).
     pub max_connections: u32,
+    /// Most writes grouped into one transaction (one fsync). 1 turns group
+    /// commit off: every write is its own transaction (for comparisons).
+    pub max_batch: usize,
 }
 
 impl Default for StoreOptions {
@@ -39,6 +42,7 @@ impl Default for StoreOptions {
         Self {
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             max_connections: 4,
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -47,6 +51,12 @@ impl StoreOptions {
     /// Sets [`StoreOptions::busy_timeout`].
     pub fn with_busy_timeout(mut self, busy_timeout: Duration) -> Self {
         self.busy_timeout = busy_timeout;
+        self
+    }
+
+    /// Sets [`StoreOptions::max_batch`] (at least 1).
+    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch.max(1);
         self
     }
 
@@ -118,7 +128,7 @@ impl Store {
             .map_err(|e| ctx.sql(e))?;
         let ctx = Arc::new(ctx);
         let store = Store {
-            writer: Writer::spawn(pool.clone(), ctx.clone()),
+            writer: Writer::spawn(pool.clone(), ctx.clone(), options.max_batch.max(1)),
             pool,
             ctx,
         };
@@ -145,7 +155,7 @@ impl Store {
             .map_err(|e| ctx.sql(e))?;
         let ctx = Arc::new(ctx);
         let store = Store {
-            writer: Writer::spawn(pool.clone(), ctx.clone()),
+            writer: Writer::spawn(pool.clone(), ctx.clone(), DEFAULT_MAX_BATCH),
             pool,
             ctx,
         };

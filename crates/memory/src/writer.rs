@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ErrorContext, MemoryError};
 
-/// Most writes in one transaction; the rest wait for the next one.
-const MAX_BATCH: usize = 256;
+/// Most writes in one transaction by default; the rest wait for the next one.
+pub(crate) const DEFAULT_MAX_BATCH: usize = 256;
 
 /// Writes waiting for the writer task; senders wait when it is full.
 const QUEUE: usize = 1024;
@@ -59,9 +59,9 @@ pub(crate) struct Writer {
 impl Writer {
     /// Starts the writer task for `pool`. It stops when the last `Writer`
     /// clone is dropped.
-    pub(crate) fn spawn(pool: SqlitePool, ctx: Arc<ErrorContext>) -> Writer {
+    pub(crate) fn spawn(pool: SqlitePool, ctx: Arc<ErrorContext>, max_batch: usize) -> Writer {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(pool, ctx.clone(), rx));
+        tokio::spawn(run(pool, ctx.clone(), rx, max_batch));
         Writer { tx, ctx }
     }
 
@@ -100,9 +100,14 @@ impl Writer {
     }
 }
 
-async fn run(pool: SqlitePool, ctx: Arc<ErrorContext>, mut rx: mpsc::Receiver<Job>) {
-    let mut jobs = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+async fn run(
+    pool: SqlitePool,
+    ctx: Arc<ErrorContext>,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+) {
+    let mut jobs = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut jobs, max_batch).await > 0 {
         commit_batch(&pool, &ctx, std::mem::take(&mut jobs)).await;
     }
 }
