@@ -393,6 +393,7 @@ impl ChannelAdapter for TelegramAdapter {
         shutdown: CancellationToken,
     ) -> Result<(), ChannelError> {
         let tracker = TaskTracker::new();
+        let mut order = ChatOrder::default();
         if self.wait_for_bot(&shutdown).await {
             let mut offset = 0i32;
             let mut failures = 0u32;
@@ -415,7 +416,17 @@ impl ChannelAdapter for TelegramAdapter {
                             let this = self.clone();
                             match update.kind {
                                 UpdateKind::Message(msg) => {
-                                    tracker.spawn(this.handle_message_owned(msg, handler.clone()));
+                                    let after = order.next(&msg);
+                                    let handler = handler.clone();
+                                    tracker.spawn(async move {
+                                        let (_done, previous) = after;
+                                        if let Some(previous) = previous {
+                                            // Closed when the previous message of this
+                                            // chat is handled: turns start in order.
+                                            let _ = previous.await;
+                                        }
+                                        this.handle_message_owned(msg, handler).await;
+                                    });
                                 }
                                 other => {
                                     tracker.spawn(async move { this.handle_other(other).await });
@@ -600,6 +611,46 @@ async fn run_draft(
 }
 
 /// The command name of `/cmd` or `/cmd@bot ...`, if `text` is a command.
+/// Keeps each chat's messages in arrival order: a message's task waits until
+/// the previous message of its chat was handled. `/cancel` and `/status` do
+/// not wait, so they reach a running turn.
+#[derive(Default)]
+struct ChatOrder {
+    /// Per chat, closed once its latest message is handled.
+    last: std::collections::HashMap<i64, tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// Held while a message is handled (dropping it releases the next one), and
+/// what to wait for before starting.
+type Turn = (
+    Option<tokio::sync::oneshot::Sender<()>>,
+    Option<tokio::sync::oneshot::Receiver<()>>,
+);
+
+impl ChatOrder {
+    fn next(&mut self, msg: &Message) -> Turn {
+        let immediate = msg
+            .text()
+            .and_then(command)
+            .is_some_and(|c| c == "cancel" || c == "status");
+        if immediate {
+            return (None, None);
+        }
+        if self.last.len() > 1024 {
+            // Forget chats whose messages are all handled.
+            self.last.retain(|_, rx| {
+                matches!(
+                    rx.try_recv(),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+                )
+            });
+        }
+        let (done, next) = tokio::sync::oneshot::channel();
+        let previous = self.last.insert(msg.chat.id.0, next);
+        (Some(done), previous)
+    }
+}
+
 fn command(text: &str) -> Option<&str> {
     let first = text.strip_prefix('/')?.split_whitespace().next()?;
     Some(first.split('@').next().unwrap_or(first))

@@ -479,3 +479,40 @@ async fn a_cron_job_for_a_chat_delivers_its_answer_to_telegram() {
     );
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_of_one_chat_are_answered_in_the_order_they_were_sent() {
+    // Five messages fetched in one getUpdates batch; the first reply is slow,
+    // so a later message that overtook it would be stored first.
+    let mut script = slow_reply("answer 1", 20);
+    for i in 2..=5 {
+        script.push_str(&reply(&format!("answer {i}")));
+    }
+    let r = Running::start(&script, |tg| {
+        for i in 1..=5 {
+            tg.push_text(OWNER, &format!("message {i}"));
+        }
+    })
+    .await;
+    let t = r
+        .wait_transcript(OWNER, |t| {
+            t.iter().filter(|m| m.starts_with("answer")).count() == 5
+        })
+        .await;
+    let answers: Vec<&String> = t.iter().filter(|m| m.starts_with("answer")).collect();
+    let expected: Vec<String> = (1..=5).map(|i| format!("answer {i}")).collect();
+    assert_eq!(answers, expected.iter().collect::<Vec<_>>(), "{t:?}");
+    let stored =
+        r.h.store
+            .recent_messages(&SessionId::parse("telegram-1001").unwrap(), 20)
+            .await
+            .unwrap();
+    let asked: Vec<String> = stored
+        .iter()
+        .filter(|m| m.message.role == openpista_proto::Role::User)
+        .map(|m| m.message.content.clone())
+        .collect();
+    let sent: Vec<String> = (1..=5).map(|i| format!("message {i}")).collect();
+    assert_eq!(asked, sent, "turns ran in arrival order");
+    r.stop().await;
+}
