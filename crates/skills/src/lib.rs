@@ -213,7 +213,7 @@ impl SkillSet {
         let mut out = String::from(header);
         let mut left_out = 0;
         for skill in &self.skills {
-            let desc: String = skill.meta.description.chars().take(200).collect();
+            let desc: String = skill.meta.description.trim().chars().take(200).collect();
             let line = format!("- {}: {}\n", skill.meta.name, desc.replace('\n', " "));
             if out.len() + line.len() <= budget {
                 out.push_str(&line);
