@@ -311,3 +311,124 @@ async fn bare_names_use_the_given_path() {
     spec.env = vec![("PATH".to_owned(), dir.path().display().to_string())];
     assert!(run(spec, CancellationToken::new()).await.is_err());
 }
+
+#[tokio::test]
+async fn the_cpu_limit_stops_a_busy_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = sh("while :; do :; done", dir.path());
+    spec.timeout = Duration::from_secs(60);
+    spec.limits = ResourceLimits {
+        cpu_secs: Some(1),
+        ..ResourceLimits::default()
+    };
+    let out = run(spec, CancellationToken::new()).await.unwrap();
+    assert!(
+        !out.timed_out,
+        "stopped by the CPU limit, not the timeout: {out:?}"
+    );
+    assert!(
+        matches!(out.signal, Some(libc::SIGXCPU | libc::SIGKILL)),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_address_space_limit_makes_a_big_allocation_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = CommandSpec::new("/usr/bin/python3", dir.path());
+    assert!(
+        spec.program.exists(),
+        "this test needs python3: apt-get install python3 (scripts/test.sh does)"
+    );
+    spec.args = vec![
+        "-c".into(),
+        "b = bytearray(600 * 1024 * 1024); print('allocated')".into(),
+    ];
+    spec.env = minimal_env(PATH, dir.path());
+    spec.timeout = Duration::from_secs(30);
+    spec.limits = ResourceLimits {
+        address_space_bytes: Some(256 * 1024 * 1024),
+        ..ResourceLimits::default()
+    };
+    let out = run(spec, CancellationToken::new()).await.unwrap();
+    assert!(!out.stdout.contains("allocated"), "{out:?}");
+    assert!(out.stderr.contains("MemoryError"), "{out:?}");
+    assert_eq!(out.exit_code, Some(1), "{out:?}");
+}
+
+/// `RLIMIT_NPROC` counts the processes of the child's real user and is not
+/// enforced for root, so as root the child first drops to `nobody`
+/// (`setpriv`, util-linux). The limit is set five above the processes that
+/// user already has.
+#[tokio::test]
+async fn the_process_limit_stops_a_fork_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let python = "/usr/bin/python3";
+    assert!(
+        Path::new(python).exists(),
+        "this test needs python3: apt-get install python3 (scripts/test.sh does)"
+    );
+    // Forks up to 20 children that sleep, and counts how many could be forked.
+    let script = "import os, time\n\
+                  n = 0\n\
+                  for i in range(20):\n\
+                  \x20   try:\n\
+                  \x20       pid = os.fork()\n\
+                  \x20   except OSError:\n\
+                  \x20       break\n\
+                  \x20   if pid == 0:\n\
+                  \x20       time.sleep(5)\n\
+                  \x20       os._exit(0)\n\
+                  \x20   n += 1\n\
+                  print('started=%d' % n)\n";
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    let (mut spec, uid) = if root {
+        let setpriv = Path::new("/usr/bin/setpriv");
+        assert!(
+            setpriv.exists(),
+            "this test needs setpriv: apt-get install util-linux"
+        );
+        let mut spec = CommandSpec::new(setpriv, dir.path());
+        spec.args = [
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            python,
+            "-c",
+            script,
+        ]
+        .map(String::from)
+        .to_vec();
+        (spec, 65534)
+    } else {
+        let mut spec = CommandSpec::new(python, dir.path());
+        spec.args = vec!["-c".into(), script.into()];
+        // SAFETY: getuid has no preconditions.
+        (spec, unsafe { libc::getuid() })
+    };
+    let existing = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| {
+            std::fs::metadata(e.path())
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == uid)
+                .unwrap_or(false)
+        })
+        .count() as u64;
+    spec.env = minimal_env(PATH, dir.path());
+    spec.timeout = Duration::from_secs(30);
+    spec.limits = ResourceLimits {
+        max_processes: Some(existing + 5),
+        ..ResourceLimits::default()
+    };
+    let out = run(spec, CancellationToken::new()).await.unwrap();
+    let started: u64 = out
+        .stdout
+        .trim()
+        .strip_prefix("started=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output: {out:?}"));
+    assert!(started < 5, "the limit stopped the forks: {out:?}");
+}
