@@ -17,6 +17,7 @@
 //!
 //! This crate does not know about channels, QUIC or the CLI.
 
+pub mod approval;
 mod context;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use openpista_llm::{
     Assembler, ChatRequest, LlmError, LlmEvent, LlmProvider, Sampling, ToolChoice,
 };
 use openpista_memory::{AuditEntry, MemoryError, Store, ToolInvocation, sha256_hex};
+use openpista_proto::wire::Decision;
 use openpista_proto::{
     AgentEvent, ChatMessage, ErrorCode, MessageId, SessionId, ToolOutcome, Usage,
 };
@@ -38,6 +40,9 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use approval::{
+    ApprovalBroker, ApprovalConfig, ApprovalPolicy, ApprovalRefusal, Approvals, Origin,
+};
 pub use context::{fit_to_window, repair_history};
 
 /// The default system prompt.
@@ -131,6 +136,8 @@ struct Shared {
     config: AgentConfig,
     workspace: PathBuf,
     skills_context: String,
+    approvals: Approvals,
+    broker: Arc<ApprovalBroker>,
 }
 
 /// Builds and caches sessions. Cheap to clone.
@@ -162,9 +169,19 @@ pub struct AgentParts {
 }
 
 impl Agent {
+    /// An agent that runs every tool call without asking (see
+    /// [`Agent::with_approvals`]).
     pub fn new(parts: AgentParts) -> Self {
+        Self::with_approvals(parts, Approvals::allow_all())
+    }
+
+    /// An agent applying the operator's approval rules.
+    pub fn with_approvals(parts: AgentParts, approvals: Approvals) -> Self {
+        let broker = Arc::new(ApprovalBroker::new(parts.store.clone()));
         Self {
             shared: Arc::new(Shared {
+                approvals,
+                broker,
                 llm: parts.llm,
                 tools: parts.tools,
                 store: parts.store,
@@ -179,6 +196,17 @@ impl Agent {
     /// The store sessions persist to.
     pub fn store(&self) -> &Store {
         &self.shared.store
+    }
+
+    /// Where approval decisions are routed to the turns that wait for them.
+    pub fn approvals(&self) -> &Arc<ApprovalBroker> {
+        &self.shared.broker
+    }
+
+    /// Whether a turn of session `id` waits for a human to approve a tool
+    /// call (`waiting-approval` in `sessions list`).
+    pub fn is_waiting_approval(&self, id: &SessionId) -> bool {
+        self.shared.broker.is_waiting(id)
     }
 
     /// The tools sessions may call.
@@ -228,6 +256,8 @@ impl Agent {
                     turn_lock: tokio::sync::Mutex::new(()),
                     running: Mutex::new(None),
                     titled: AtomicBool::new(false),
+                    always: approval::AlwaysSet::default(),
+                    origin: Mutex::new(Origin::channel("local")),
                 })
             })
             .clone()
@@ -262,6 +292,10 @@ pub struct AgentSession {
     running: Mutex<Option<CancellationToken>>,
     /// Whether this process already made sure the session has a title.
     titled: AtomicBool,
+    /// Calls approved with `always` in this session.
+    always: approval::AlwaysSet,
+    /// Who the running turn came from (who may approve its calls).
+    origin: Mutex<Origin>,
 }
 
 impl std::fmt::Debug for AgentSession {
@@ -289,8 +323,14 @@ impl AgentSession {
         }
     }
 
+    /// Whether the running turn waits for a human to approve a tool call.
+    pub fn is_waiting_approval(&self) -> bool {
+        self.shared.broker.is_waiting(&self.id)
+    }
+
     /// Runs one turn for `text`. Events go to `events` (a closed receiver does
     /// not stop the turn: its results are still stored). `cancel` stops it.
+    /// Approvals it asks for can be answered from the `local` channel only.
     ///
     /// The final `Final` or `Error` event is always sent.
     pub async fn run_turn(
@@ -299,7 +339,21 @@ impl AgentSession {
         events: mpsc::Sender<AgentEvent>,
         cancel: CancellationToken,
     ) -> Result<TurnOutcome, AgentError> {
+        self.run_turn_from(text, events, cancel, Origin::channel("local"))
+            .await
+    }
+
+    /// [`AgentSession::run_turn`] for a message from `origin`: only `origin`
+    /// can answer the approvals this turn asks for.
+    pub async fn run_turn_from(
+        &self,
+        text: &str,
+        events: mpsc::Sender<AgentEvent>,
+        cancel: CancellationToken,
+        origin: Origin,
+    ) -> Result<TurnOutcome, AgentError> {
         let _turn = self.turn_lock.lock().await;
+        *self.origin.lock().unwrap_or_else(|p| p.into_inner()) = origin;
         let cancel = cancel.child_token();
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(cancel.clone());
         let mut audited = TurnAudit::default();
@@ -569,6 +623,11 @@ impl AgentSession {
                         exit_code: None,
                         duration: std::time::Duration::ZERO,
                     }
+                } else if let Some(refused) = self
+                    .gate(&call.name, &call.arguments, events, cancel)
+                    .await?
+                {
+                    refused
                 } else {
                     let ctx = ToolContext {
                         workspace: sh.workspace.clone(),
@@ -645,6 +704,136 @@ impl AgentSession {
             }
         }
         Err(AgentError::MaxRounds(sh.config.max_tool_rounds))
+    }
+
+    /// Applies the approval policy to one call: `None` when it may run,
+    /// otherwise the result fed back to the model (denied, or cancelled).
+    async fn gate(
+        &self,
+        tool: &str,
+        args: &str,
+        events: &mpsc::Sender<AgentEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<openpista_tools::ToolResult>, AgentError> {
+        let sh = &self.shared;
+        let refused = |outcome: ToolOutcome, content: String| openpista_tools::ToolResult {
+            outcome,
+            content,
+            exit_code: None,
+            duration: std::time::Duration::ZERO,
+        };
+        let digest = approval::call_digest(tool, args);
+        match sh.approvals.policy_for(tool, args) {
+            ApprovalPolicy::Allow => return Ok(None),
+            ApprovalPolicy::Deny => {
+                self.audit(
+                    "approval_policy_denied",
+                    serde_json::json!({ "tool": tool, "call_sha256": digest }),
+                )
+                .await?;
+                return Ok(Some(refused(
+                    ToolOutcome::Denied,
+                    format!("error: the operator's approval policy denies {tool} here"),
+                )));
+            }
+            ApprovalPolicy::Ask => {}
+        }
+        if self.always.contains(&digest) {
+            self.audit(
+                "approval_decided",
+                serde_json::json!({
+                    "tool": tool, "call_sha256": digest, "decision": "always",
+                    "remembered": true,
+                }),
+            )
+            .await?;
+            return Ok(None);
+        }
+        let origin = self
+            .origin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (id, rx) = sh.broker.register(&self.id, &origin, tool);
+        let id_sha = sha256_hex(id.as_bytes());
+        let requested = self
+            .audit(
+                "approval_requested",
+                serde_json::json!({
+                    "tool": tool, "call_sha256": digest, "approval_sha256": id_sha,
+                    "channel": origin.channel, "user": origin.user,
+                }),
+            )
+            .await;
+        if let Err(e) = requested {
+            sh.broker.retire(&id);
+            return Err(e.into());
+        }
+        tracing::info!(session = %self.id, %tool, "waiting for approval");
+        let _ = events
+            .send(AgentEvent::ApprovalRequired {
+                id: id.clone(),
+                tool: tool.to_owned(),
+                args: args.to_owned(),
+            })
+            .await;
+        let timeout = sh.approvals.timeout();
+        let decision = tokio::select! {
+            biased;
+            () = cancel.cancelled() => None,
+            d = tokio::time::timeout(timeout, rx) => Some(d),
+        };
+        sh.broker.retire(&id);
+        let (outcome, result) = match decision {
+            None => (
+                "cancelled",
+                Some(refused(
+                    ToolOutcome::Cancelled,
+                    "error: cancelled".to_owned(),
+                )),
+            ),
+            Some(Err(_elapsed)) => (
+                "timeout",
+                Some(refused(
+                    ToolOutcome::Denied,
+                    format!(
+                        "error: {tool} needs a human's approval and none came within {}s; it was not run",
+                        timeout.as_secs()
+                    ),
+                )),
+            ),
+            // The broker went away: nobody can answer.
+            Some(Ok(Err(_))) => (
+                "deny",
+                Some(refused(
+                    ToolOutcome::Denied,
+                    format!("error: {tool} was not approved; it was not run"),
+                )),
+            ),
+            Some(Ok(Ok(d))) => match d {
+                Decision::Approve => ("approve", None),
+                Decision::Always => {
+                    self.always.insert(digest.clone());
+                    ("always", None)
+                }
+                Decision::Deny => (
+                    "deny",
+                    Some(refused(
+                        ToolOutcome::Denied,
+                        format!("error: the user denied this {tool} call; it was not run"),
+                    )),
+                ),
+            },
+        };
+        self.audit(
+            "approval_decided",
+            serde_json::json!({
+                "tool": tool, "call_sha256": digest, "approval_sha256": id_sha,
+                "decision": outcome, "channel": origin.channel, "user": origin.user,
+            }),
+        )
+        .await?;
+        Ok(result)
     }
 
     /// Appends an audit row for this session, acted by the agent.

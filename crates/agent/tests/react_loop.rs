@@ -129,6 +129,7 @@ fn kinds(events: &[AgentEvent]) -> Vec<&'static str> {
             AgentEvent::TextDelta { .. } => "text",
             AgentEvent::ToolStarted { .. } => "tool_started",
             AgentEvent::ToolFinished { .. } => "tool_finished",
+            AgentEvent::ApprovalRequired { .. } => "approval_required",
             AgentEvent::Final { .. } => "final",
             AgentEvent::Error { .. } => "error",
         })

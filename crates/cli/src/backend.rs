@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use futures::StreamExt as _;
+use openpista_agent::Origin;
 use openpista_client::{Client, Event, EventStream};
 use openpista_gateway::{Gateway, SendRequest, TurnEvents};
-use openpista_proto::wire::SessionInfo;
+use openpista_proto::wire::{Decision, SessionInfo};
 use openpista_proto::{AgentEvent, SessionId};
 
 /// The channel CLI sessions are recorded under.
@@ -35,15 +36,12 @@ impl Events {
     pub async fn next(&mut self) -> Option<Result<AgentEvent>> {
         match self {
             Events::Local(events) => events.recv().await.map(Ok),
-            Events::Remote(stream) => loop {
-                match stream.next().await? {
-                    Ok(Event::Agent(ev)) => return Some(Ok(ev)),
-                    Ok(Event::ApprovalRequired { id, tool, .. }) => {
-                        // Nothing in this build asks; say so rather than hang.
-                        eprintln!("[approval {id} for {tool} requested; not supported here]");
-                    }
-                    Err(e) => return Some(Err(anyhow!(e).context("the daemon connection"))),
+            Events::Remote(stream) => match stream.next().await? {
+                Ok(Event::Agent(ev)) => Some(Ok(ev)),
+                Ok(Event::ApprovalRequired { id, tool, args }) => {
+                    Some(Ok(AgentEvent::ApprovalRequired { id, tool, args }))
                 }
+                Err(e) => Some(Err(anyhow!(e).context("the daemon connection"))),
             },
         }
     }
@@ -65,6 +63,19 @@ impl Backend {
             }
             Backend::Remote(client) => Ok(Events::Remote(client.send(session, text).await?)),
         }
+    }
+
+    /// Answers an approval request of a turn this CLI started.
+    pub async fn approve(&self, id: &str, decision: Decision) -> Result<()> {
+        match self {
+            Backend::Local(gateway) => {
+                gateway
+                    .approve(id, decision, &Origin::channel(CHANNEL), None)
+                    .await?
+            }
+            Backend::Remote(client) => client.approve(id, decision).await?,
+        }
+        Ok(())
     }
 
     /// Cancels the session's running turn.

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use openpista_gateway::Gateway;
+use openpista_proto::wire::Decision;
 use openpista_proto::{AgentEvent, SessionId, ToolOutcome};
 use openpista_tools::ToolContext;
 use tokio_util::sync::CancellationToken;
@@ -202,6 +203,16 @@ async fn turn(
                     }
                     AgentEvent::Final { .. } => ok = true,
                     AgentEvent::Error { message, .. } if !json => eprintln!("\nerror: {message}"),
+                    AgentEvent::ApprovalRequired { id, tool, args } => {
+                        if !at_line_start {
+                            println!();
+                            at_line_start = true;
+                        }
+                        let decision = ask_approval(tool, args).await;
+                        if let Err(e) = backend.approve(id, decision).await {
+                            eprintln!("error: answering the approval: {e:#}");
+                        }
+                    }
                     _ => {}
                 }
                 if !json {
@@ -254,9 +265,42 @@ fn render(ev: &AgentEvent, out: &mut std::io::Stdout, at_line_start: &mut bool) 
                 }
             );
         }
-        AgentEvent::Accepted { .. } | AgentEvent::Final { .. } | AgentEvent::Error { .. } => {}
+        AgentEvent::Accepted { .. }
+        | AgentEvent::Final { .. }
+        | AgentEvent::Error { .. }
+        | AgentEvent::ApprovalRequired { .. } => {}
     }
     Ok(())
+}
+
+/// Asks on stderr whether `tool` may run with `args` and reads the answer
+/// from stdin: `y` approves, `always` approves it for the session, anything
+/// else denies. With no stdin (closed, EOF) the call is denied.
+async fn ask_approval(tool: &str, args: &str) -> Decision {
+    eprint!("approve {tool} {}? [y/N/always] ", truncate(args, 500));
+    let _ = std::io::stderr().flush();
+    let line = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|n| (n, line))
+    })
+    .await;
+    match line {
+        Ok(Ok((n, line))) if n > 0 => match line.trim().to_ascii_lowercase().as_str() {
+            "y" | "yes" => Decision::Approve,
+            "a" | "always" => Decision::Always,
+            _ => {
+                eprintln!("denied");
+                Decision::Deny
+            }
+        },
+        _ => {
+            eprintln!(
+                "\ndenied: {tool} needs approval and no answer can be read from stdin; \
+                 run interactively, or allow it in the config ([approvals.tools] \"{tool}\" = \"allow\")"
+            );
+            Decision::Deny
+        }
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {

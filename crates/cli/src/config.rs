@@ -33,6 +33,7 @@ pub struct Config {
     pub paths: PathsConfig,
     pub llm: LlmConfig,
     pub agent: AgentConfig,
+    pub approvals: openpista_agent::ApprovalConfig,
     pub tools: ToolsConfig,
     pub skills: SkillsConfig,
     pub sandbox: SandboxConfig,
@@ -475,6 +476,7 @@ mod tests {
         assert_eq!(c.sandbox.docker, DockerConfig::default());
         assert_eq!(c.sandbox.wasm, WasmSandboxConfig::default());
         assert_eq!(c.tools.system_run, CommandPolicy::default());
+        assert_eq!(c.approvals, openpista_agent::ApprovalConfig::default());
         assert_eq!(
             c.skills.prompt_budget,
             SkillsConfig::default().prompt_budget

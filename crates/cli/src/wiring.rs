@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use openpista_agent::{Agent, AgentParts};
+use openpista_agent::{Agent, AgentParts, Approvals};
 use openpista_llm::LlmProvider;
 use openpista_llm::local::{LocalProvider, resolve_model};
 use openpista_llm::openai::OpenAiProvider;
@@ -159,14 +159,21 @@ pub async fn agent(loaded: &Loaded, env: &Env) -> Result<Agent> {
         tracing::warn!(error = %e, "invalid skill skipped");
     }
     let llm = llm(loaded, env).await?;
-    Ok(Agent::new(AgentParts {
-        llm,
-        tools,
-        store,
-        config: loaded.config.agent.clone(),
-        workspace: loaded.paths.workspace.clone(),
-        skills_context: skills.prompt_context(loaded.config.skills.prompt_budget),
-    }))
+    // An allowlist already vets each system.run command: it runs unless
+    // [approvals] says otherwise.
+    let vetted =
+        loaded.config.tools.system_run.mode == openpista_tools::policy::PolicyMode::Allowlist;
+    Ok(Agent::with_approvals(
+        AgentParts {
+            llm,
+            tools,
+            store,
+            config: loaded.config.agent.clone(),
+            workspace: loaded.paths.workspace.clone(),
+            skills_context: skills.prompt_context(loaded.config.skills.prompt_budget),
+        },
+        Approvals::new(loaded.config.approvals.clone(), vetted),
+    ))
 }
 
 /// The Telegram adapter over `store`, when `[channels.telegram]` is enabled;

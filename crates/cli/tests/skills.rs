@@ -37,7 +37,8 @@ impl Home {
             "config.toml",
             &format!(
                 "[llm]\nprovider = \"scripted\"\n\n[llm.scripted]\nfile = \"replies.toml\"\n\n\
-                 [skills]\ndirs = [{dirs}]\n"
+                 [skills]\ndirs = [{dirs}]\n\n\
+                 [approvals.tools]\n\"skill.run\" = \"allow\"\n"
             ),
         );
         home

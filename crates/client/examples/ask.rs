@@ -28,7 +28,8 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("error ({}): {message}", code.as_str());
             }
             Event::Agent(AgentEvent::Accepted { .. } | AgentEvent::ToolFinished { .. }) => {}
-            Event::ApprovalRequired { id, tool, .. } => {
+            Event::ApprovalRequired { id, tool, .. }
+            | Event::Agent(AgentEvent::ApprovalRequired { id, tool, .. }) => {
                 eprintln!("[{tool} waits for approval {id}]")
             }
         }

@@ -77,7 +77,9 @@ impl GatewayBridge {
                 AgentEvent::Error { message, .. } => {
                     return format!("Sorry, that failed: {message}");
                 }
-                AgentEvent::Accepted { .. } | AgentEvent::ToolFinished { .. } => {}
+                AgentEvent::Accepted { .. }
+                | AgentEvent::ToolFinished { .. }
+                | AgentEvent::ApprovalRequired { .. } => {}
             }
         }
         "Sorry, the turn ended without an answer.".into()

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use openpista_agent::Agent;
+use openpista_agent::{Agent, ApprovalRefusal, Origin};
 use openpista_proto::wire::{Decision, SessionInfo};
 use openpista_proto::{AgentEvent, ChatMessage, SessionId};
 use tokio::sync::{mpsc, watch};
@@ -114,6 +114,16 @@ impl Gateway {
     /// its events, ending with `final` or `error`. The turn runs to its end
     /// even if the events are dropped; its results are stored.
     pub async fn send(&self, req: SendRequest) -> Result<TurnEvents, GatewayError> {
+        self.send_from(req, None).await
+    }
+
+    /// [`Gateway::send`] for a message from `user` of `req.channel`: only
+    /// that channel and user can answer the turn's approval requests.
+    pub async fn send_from(
+        &self,
+        req: SendRequest,
+        user: Option<String>,
+    ) -> Result<TurnEvents, GatewayError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(GatewayError::ShuttingDown);
         }
@@ -132,7 +142,11 @@ impl Gateway {
             }
             cache.insert(key.clone(), log.clone());
         }
-        match self.start_turn(&req, log.clone()).await {
+        let origin = Origin {
+            channel: req.channel.clone(),
+            user,
+        };
+        match self.start_turn(&req, origin, log.clone()).await {
             Ok(()) => Ok(TurnEvents::follow(log)),
             Err(e) => {
                 // Nothing ran: a retry with the same key may try again.
@@ -145,7 +159,12 @@ impl Gateway {
         }
     }
 
-    async fn start_turn(&self, req: &SendRequest, log: Arc<TurnLog>) -> Result<(), GatewayError> {
+    async fn start_turn(
+        &self,
+        req: &SendRequest,
+        origin: Origin,
+        log: Arc<TurnLog>,
+    ) -> Result<(), GatewayError> {
         let agent = &self.inner.agent;
         let session = match (&req.session_id, req.create_missing) {
             (None, _) => agent.create_session(&req.channel).await?,
@@ -167,7 +186,7 @@ impl Gateway {
             let (tx, mut rx) = mpsc::channel::<AgentEvent>(64);
             let session = slot.session().clone();
             let turn = async move {
-                let _ = session.run_turn(&text, tx, cancel).await;
+                let _ = session.run_turn_from(&text, tx, cancel, origin).await;
             };
             let forward = async {
                 while let Some(ev) = rx.recv().await {
@@ -228,15 +247,37 @@ impl Gateway {
             .is_some_and(|route| route.session().cancel())
     }
 
-    /// Answers an approval request. This build runs no tool behind an
-    /// approval (commands are allowed or denied by policy), so every id is
-    /// unknown: `not_found`.
-    pub fn approve(&self, id: &str, decision: Decision) -> Result<(), GatewayError> {
-        let _ = decision;
-        Err(GatewayError::NotFound(format!(
-            "no pending approval {:?}",
-            id.chars().take(64).collect::<String>()
-        )))
+    /// Answers approval request `id` from `by` (and, when the channel knows
+    /// it, `session`). Only the channel, user and session whose turn asked
+    /// can answer; an unknown, reused or finished id, or one from someone
+    /// else, is `not_found` (and audited), so ids cannot be probed.
+    pub async fn approve(
+        &self,
+        id: &str,
+        decision: Decision,
+        by: &Origin,
+        session: Option<&SessionId>,
+    ) -> Result<(), GatewayError> {
+        self.inner
+            .agent
+            .approvals()
+            .decide(id, decision, by, session)
+            .await
+            .map_err(|refusal| {
+                let why = match refusal {
+                    ApprovalRefusal::Unknown | ApprovalRefusal::Spent => "is not pending",
+                    ApprovalRefusal::NotYours => "was not asked of you",
+                };
+                GatewayError::NotFound(format!(
+                    "approval {:?} {why}",
+                    id.chars().take(64).collect::<String>()
+                ))
+            })
+    }
+
+    /// Whether a turn of session `id` waits for an approval.
+    pub fn is_waiting_approval(&self, id: &SessionId) -> bool {
+        self.inner.agent.is_waiting_approval(id)
     }
 
     /// Uptime and load.

@@ -261,6 +261,7 @@ impl TurnObserver {
             AgentEvent::TextDelta { .. } | AgentEvent::ToolStarted { .. } => {
                 self.model_answered();
             }
+            AgentEvent::ApprovalRequired { .. } => {}
             AgentEvent::ToolFinished { outcome, .. } => {
                 m.tool_calls.inc(tool_outcome(*outcome), 1);
                 self.awaiting_model = Some(Instant::now());

@@ -10,9 +10,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use openpista_agent::Origin;
 use openpista_proto::frame::{self, FrameDecoder, FrameError};
 use openpista_proto::wire::{ClientFrame, ServerFrame};
-use openpista_proto::{ErrorCode, PROTOCOL_VERSION};
+use openpista_proto::{AgentEvent, ErrorCode, PROTOCOL_VERSION};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -399,7 +400,12 @@ async fn serve_stream(
             match gateway.send(req).await {
                 Ok(mut events) => {
                     while let Some(ev) = events.recv().await {
-                        let frame = ServerFrame::Event(ev);
+                        let frame = match ev {
+                            AgentEvent::ApprovalRequired { id, tool, args } => {
+                                ServerFrame::ApprovalRequired { id, tool, args }
+                            }
+                            ev => ServerFrame::Event(ev),
+                        };
                         match frame::encode(&frame, max) {
                             Ok(bytes) => {
                                 if send.write_all(&bytes).await.is_err() {
@@ -440,7 +446,8 @@ async fn serve_stream(
             was_running: gateway.cancel(&session_id),
         }),
         ClientFrame::Approve { id, decision } => gateway
-            .approve(&id, decision)
+            .approve(&id, decision, &Origin::channel("quic"), None)
+            .await
             .map(|()| ServerFrame::Approved { id })
             .map_err(|e| (e.code(), e.to_string())),
         ClientFrame::Status {} => {

@@ -18,6 +18,16 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest accepted session id, in bytes.
 pub const MAX_SESSION_ID_LEN: usize = 64;
 
+/// A fresh approval id: `ap-` and 256 random bits (two UUID v4s, 244 of
+/// them random) in hex, so that an id cannot be guessed.
+pub fn new_approval_id() -> String {
+    format!(
+        "ap-{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
 /// Identifies one conversation (an `AgentSession`).
 ///
 /// Ids are short ASCII strings (`[A-Za-z0-9_.:-]`, at most 64 bytes) so they
@@ -330,6 +340,14 @@ pub enum AgentEvent {
         duration_ms: u64,
         /// The (capped) text fed back to the model.
         output: String,
+    },
+    /// A tool call waits for a human decision (sent on the wire as the
+    /// `approval_required` frame). Answer with `approve {id, decision}`
+    /// from the channel and session that asked.
+    ApprovalRequired {
+        id: String,
+        tool: String,
+        args: String,
     },
     /// The turn ended with this final assistant text.
     Final { text: String, usage: Usage },

@@ -17,8 +17,13 @@ pub const ALPN: &[u8] = b"openpista/1";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
+    /// Run this one call.
     Approve,
+    /// Refuse it.
     Deny,
+    /// Run it, and the same tool with the same arguments again in this
+    /// session without asking (remembered for the session, bounded).
+    Always,
 }
 
 /// What a client sends.

@@ -1,0 +1,164 @@
+//! Black-box: a tool call that needs approval asks on the terminal
+//! (`approve TOOL ARGS? [y/N/always]` on stderr, the answer on stdin) in
+//! `openpista run -e` and `openpista repl`. No stdin means deny. The
+//! scripted model makes the calls.
+
+mod common;
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{Out, wait_output};
+use tempfile::TempDir;
+
+fn home(script: &str, extra: &str) -> TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("replies.toml"), script).expect("script");
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!(
+            "[llm]\nprovider = \"scripted\"\n\n[llm.scripted]\nfile = \"replies.toml\"\n{extra}"
+        ),
+    )
+    .expect("config");
+    dir
+}
+
+fn write_call(path: &str) -> String {
+    format!(
+        "[[reply]]\ntext = \"Writing.\"\ntool_calls = [{{ name = \"file.write\", arguments = {{ path = \"{path}\", content = \"hi\" }} }}]\n"
+    )
+}
+
+fn run_call(command: &str) -> String {
+    format!(
+        "[[reply]]\ntext = \"Running.\"\ntool_calls = [{{ name = \"system.run\", arguments = {{ command = \"{command}\" }} }}]\n"
+    )
+}
+
+const DONE: &str = "[[reply]]\ntext = \"Done.\"\n";
+
+/// Runs `openpista ARGS` in `home` with `stdin` (None: no stdin at all).
+fn openpista(home: &Path, args: &[&str], stdin: Option<&str>) -> Out {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_openpista"));
+    cmd.args(args)
+        .env("OPENPISTA_HOME", home)
+        .env_remove("RUST_LOG")
+        .env_remove("OPENPISTA_API_KEY")
+        .env_remove("OPENAI_API_KEY")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn openpista");
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(text.as_bytes()).expect("write stdin");
+        // Dropped: EOF after the answers.
+    }
+    wait_output(child)
+}
+
+fn workspace(home: &Path) -> std::path::PathBuf {
+    home.join("workspace")
+}
+
+fn prompts(out: &Out) -> usize {
+    out.stderr.matches("[y/N/always]").count()
+}
+
+#[test]
+fn run_asks_before_writing_and_y_approves() {
+    let h = home(&format!("{}{DONE}", write_call("a.txt")), "");
+    let out = openpista(h.path(), &["run", "-e", "write a file"], Some("y\n"));
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stderr.contains("approve file.write"),
+        "the prompt names the tool: {out:#?}"
+    );
+    assert!(out.stderr.contains("a.txt"), "and its arguments: {out:#?}");
+    assert_eq!(
+        std::fs::read_to_string(workspace(h.path()).join("a.txt")).expect("written"),
+        "hi"
+    );
+}
+
+#[test]
+fn no_stdin_means_deny_with_a_clear_message() {
+    let h = home(&format!("{}{DONE}", write_call("b.txt")), "");
+    let out = openpista(h.path(), &["run", "-e", "write a file"], None);
+    assert!(
+        out.stderr.contains("denied: file.write needs approval"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stderr.contains("[approvals.tools]"),
+        "says how to allow it: {out:#?}"
+    );
+    assert!(out.stderr.contains("<- file.write denied"), "{out:#?}");
+    assert!(!workspace(h.path()).join("b.txt").exists());
+}
+
+#[test]
+fn n_denies() {
+    let h = home(&format!("{}{DONE}", write_call("c.txt")), "");
+    let out = openpista(h.path(), &["run", "-e", "write a file"], Some("n\n"));
+    assert!(out.stderr.contains("<- file.write denied"), "{out:#?}");
+    assert!(!workspace(h.path()).join("c.txt").exists());
+}
+
+#[test]
+fn an_operator_allow_runs_without_asking() {
+    let h = home(
+        &format!("{}{DONE}", write_call("d.txt")),
+        "\n[approvals.tools]\n\"file.write\" = \"allow\"\n",
+    );
+    let out = openpista(h.path(), &["run", "-e", "write a file"], None);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(prompts(&out), 0, "{out:#?}");
+    assert!(workspace(h.path()).join("d.txt").exists());
+}
+
+#[test]
+fn always_covers_the_same_command_and_a_changed_argv_asks_again() {
+    let script = format!(
+        "{}{}{}{DONE}",
+        run_call("echo one"),
+        run_call("echo one"),
+        run_call("echo two")
+    );
+    let h = home(&script, "\n[approvals.tools]\n\"system.run\" = \"ask\"\n");
+    // One answer only: `always` for `echo one`; `echo two` then finds no
+    // answer and is denied.
+    let out = openpista(h.path(), &["run", "-e", "run things"], Some("always\n"));
+    assert_eq!(prompts(&out), 2, "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("approve system.run {\"command\":\"echo one\"}"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stderr
+            .contains("approve system.run {\"command\":\"echo two\"}"),
+        "{out:#?}"
+    );
+    assert_eq!(
+        out.stderr.matches("<- system.run ok").count(),
+        2,
+        "echo one ran twice: {out:#?}"
+    );
+    assert!(out.stderr.contains("<- system.run denied"), "{out:#?}");
+}
+
+#[test]
+fn the_repl_asks_between_messages() {
+    let h = home(&format!("{}{DONE}", write_call("e.txt")), "");
+    let out = openpista(h.path(), &["repl"], Some("write a file\ny\n/quit\n"));
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(prompts(&out), 1, "{out:#?}");
+    assert!(workspace(h.path()).join("e.txt").exists(), "{out:#?}");
+}
