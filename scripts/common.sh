@@ -25,9 +25,16 @@ apt_install() {
 }
 
 # The build needs cmake and clang for llama.cpp, python3 + pip to fetch the model,
-# python3-venv for the interop test's aioquic client.
+# python3-venv for the interop test's aioquic client, libxkbcommon-dev for the
+# desktop tools (enigo's X11 backend links libxkbcommon).
 install_build_deps() {
-    apt_install build-essential cmake clang libclang-dev python3 python3-pip python3-venv ca-certificates
+    apt_install build-essential cmake clang libclang-dev python3 python3-pip python3-venv ca-certificates libxkbcommon-dev
+}
+
+# A virtual X display for the desktop tool tests (crates/tools/tests/desktop.rs
+# starts its own Xvfb; xauth makes the refused-connection case).
+install_desktop_test_deps() {
+    apt_install xvfb xauth
 }
 
 # A venv with aioquic for crates/cli/tests/interop.rs (the protocol checked from

@@ -10,6 +10,7 @@ install_docker
 trap stop_test_dockerd EXIT
 start_test_dockerd
 install_wasm_toolchain
+install_desktop_test_deps
 build_wasm_skills
 cd "$ROOT"
 export OPENPISTA_TEST_MODELS_DIR="$MODELS_DIR"

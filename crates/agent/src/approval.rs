@@ -3,7 +3,7 @@
 //! The operator's `[approvals]` config gives each tool (and, for
 //! `system.run`, each program) a [`ApprovalPolicy`]: `allow`, `ask` or
 //! `deny`. Mutating tools (`file.write`, `system.run`, `container.run`,
-//! `skill.run`) default to `default_mutating` (`ask`); the others run. A
+//! `skill.run`, `input.control`) default to `default_mutating` (`ask`); the others run. A
 //! `system.run` whose commands the operator's allowlist already vets
 //! (`[tools.system_run] mode = "allowlist"`) is allowed unless the config
 //! says otherwise (commands outside the allowlist stay refused by that
@@ -34,7 +34,13 @@ pub const MAX_ALWAYS: usize = 64;
 /// Most spent approval ids remembered to tell a replay from a forgery.
 const MAX_SPENT: usize = 4096;
 /// Tools that change something and so default to `default_mutating`.
-pub const MUTATING_TOOLS: &[&str] = &["file.write", "system.run", "container.run", "skill.run"];
+pub const MUTATING_TOOLS: &[&str] = &[
+    "file.write",
+    "system.run",
+    "container.run",
+    "skill.run",
+    "input.control",
+];
 
 /// What to do with a tool call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -372,6 +378,8 @@ mod tests {
         assert_eq!(a.policy_for("file.write", "{}"), ApprovalPolicy::Ask);
         assert_eq!(a.policy_for("skill.run", "{}"), ApprovalPolicy::Ask);
         assert_eq!(a.policy_for("container.run", "{}"), ApprovalPolicy::Ask);
+        assert_eq!(a.policy_for("input.control", "{}"), ApprovalPolicy::Ask);
+        assert_eq!(a.policy_for("screen.capture", "{}"), ApprovalPolicy::Allow);
         assert_eq!(
             a.policy_for("system.run", r#"{"command":"ls"}"#),
             ApprovalPolicy::Ask

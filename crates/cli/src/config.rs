@@ -189,6 +189,8 @@ pub struct ScriptedConfig {
 pub struct ToolsConfig {
     pub system_run: CommandPolicy,
     pub files: FileLimits,
+    /// `[tools.desktop]`: `screen.capture` and `input.control`, off by default.
+    pub desktop: openpista_tools::desktop::DesktopConfig,
 }
 
 /// `[skills]`.
@@ -280,6 +282,8 @@ pub struct Env {
     pub path: String,
     /// `OPENPISTA_WORKSPACE`: the workspace, overriding the config file.
     pub workspace: Option<PathBuf>,
+    /// `DISPLAY` and `WAYLAND_DISPLAY`, for the desktop tools.
+    pub desktop: openpista_tools::desktop::DesktopEnv,
 }
 
 impl Env {
@@ -293,6 +297,10 @@ impl Env {
             telegram_token: var("OPENPISTA_TELEGRAM_TOKEN").map(SecretString::from),
             path: var("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".to_owned()),
             workspace: var("OPENPISTA_WORKSPACE").map(PathBuf::from),
+            desktop: openpista_tools::desktop::DesktopEnv {
+                display: var("DISPLAY"),
+                wayland_display: var("WAYLAND_DISPLAY"),
+            },
         }
     }
 
@@ -476,6 +484,10 @@ mod tests {
         assert_eq!(c.sandbox.docker, DockerConfig::default());
         assert_eq!(c.sandbox.wasm, WasmSandboxConfig::default());
         assert_eq!(c.tools.system_run, CommandPolicy::default());
+        assert_eq!(
+            c.tools.desktop,
+            openpista_tools::desktop::DesktopConfig::default()
+        );
         assert_eq!(c.approvals, openpista_agent::ApprovalConfig::default());
         assert_eq!(
             c.skills.prompt_budget,

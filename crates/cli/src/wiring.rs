@@ -50,6 +50,16 @@ pub fn tools(loaded: &Loaded, env: &Env, catalog: Arc<SkillCatalog>) -> Result<A
     for tool in openpista_tools::files::file_tools(loaded.config.tools.files) {
         registry.register(tool)?;
     }
+    let desktop = loaded.config.tools.desktop;
+    if !cfg!(feature = "desktop") && (desktop.screen_capture || desktop.input_control) {
+        anyhow::bail!(
+            "[tools.desktop] enables a desktop tool, but this openpista was built without the \
+             `desktop` feature"
+        );
+    }
+    for tool in openpista_tools::desktop::desktop_tools(desktop, env.desktop.clone()) {
+        registry.register(tool)?;
+    }
     let mut skill_run = SkillRun::new(catalog.clone(), child_env, loaded.config.skills.limits)
         .with_wasm(wasm_skills(loaded, env));
     if let Some(runner) = docker {

@@ -10,6 +10,7 @@
 //!   locally imported busybox test image.
 //! - [`FakeTelegram`]: a Telegram Bot API (getMe, getUpdates, sendMessage, ...)
 //!   handing out scripted updates once and recording every request.
+//! - [`xvfb`]: a private Xvfb for the desktop tools, on a free display number.
 //!
 //! This crate is for tests only (`publish = false`); nothing in it is tuned for
 //! speed or hardened against hostile peers.
@@ -17,6 +18,7 @@
 pub mod docker;
 pub mod openai;
 pub mod telegram;
+pub mod xvfb;
 
 pub use openai::{FakeOpenAi, RecordedRequest, Reply};
 pub use telegram::{FakeTelegram, TgRequest};

@@ -327,7 +327,11 @@ impl Tool for FileWrite {
     }
 }
 
-fn write_file(target: &Confined, content: &[u8], append: bool) -> Result<ToolOutput, ToolError> {
+pub(crate) fn write_file(
+    target: &Confined,
+    content: &[u8],
+    append: bool,
+) -> Result<ToolOutput, ToolError> {
     let shown = target.display();
     let fail = |e: std::io::Error| ToolError::Failed(format!("cannot write {shown}: {e}"));
     if target.path == target.root {

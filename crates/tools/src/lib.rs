@@ -11,11 +11,14 @@
 //! file tools in [`files`] (`file.read`, `file.write`, `file.list`).
 //! [`container::ContainerRun`] (`container.run`, a command in a fresh Docker
 //! container under the operator's `[sandbox.docker]` limits) is registered
-//! by the caller when Docker is enabled.
+//! by the caller when Docker is enabled. The desktop tools in [`desktop`]
+//! (`screen.capture`, `input.control`) are registered by the caller when
+//! `[tools.desktop]` enables them.
 //!
 //! This crate knows nothing of models or sessions.
 
 pub mod container;
+pub mod desktop;
 pub mod files;
 pub mod policy;
 pub mod system_run;
