@@ -19,6 +19,7 @@
 
 pub mod approval;
 mod context;
+pub mod quota;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,6 +45,7 @@ pub use approval::{
     ApprovalBroker, ApprovalConfig, ApprovalPolicy, ApprovalRefusal, Approvals, Origin,
 };
 pub use context::{fit_to_window, repair_history};
+pub use quota::{QuotaConfig, QuotaExceeded};
 
 /// The default system prompt.
 pub const DEFAULT_SYSTEM_PROMPT: &str = "You are openpista, a helpful assistant running on the user's own machine. \
@@ -63,6 +65,9 @@ pub struct AgentConfig {
     pub reply_reserve_tokens: u32,
     /// Context window assumed when the provider does not know its own.
     pub default_context_window: u32,
+    /// Per-session quotas (the config file's top-level `[quotas]`).
+    #[serde(skip)]
+    pub quotas: QuotaConfig,
 }
 
 impl Default for AgentConfig {
@@ -73,6 +78,7 @@ impl Default for AgentConfig {
             system_prompt: DEFAULT_SYSTEM_PROMPT.to_owned(),
             reply_reserve_tokens: 512,
             default_context_window: 8192,
+            quotas: QuotaConfig::default(),
         }
     }
 }
@@ -100,6 +106,14 @@ pub enum AgentError {
         "the message does not fit the model's context window ({needed} tokens needed, {window} available)"
     )]
     ContextOverflow { needed: usize, window: usize },
+    /// A `[quotas]` limit was reached (see the message for which and when it resets).
+    #[error("quota exceeded: {0}")]
+    Quota(#[from] QuotaExceeded),
+    /// The session is suspended; an operator lifts it with `openpista sessions resume`.
+    #[error(
+        "this session is suspended ({reason}); the operator can resume it with `openpista sessions resume <id>`"
+    )]
+    Suspended { reason: String },
 }
 
 impl AgentError {
@@ -112,6 +126,8 @@ impl AgentError {
             AgentError::MaxRounds(_) => ErrorCode::MaxRounds,
             AgentError::NotFound(_) => ErrorCode::NotFound,
             AgentError::ContextOverflow { .. } => ErrorCode::LimitExceeded,
+            AgentError::Quota(_) => ErrorCode::LimitExceeded,
+            AgentError::Suspended { .. } => ErrorCode::SessionSuspended,
         }
     }
 }
@@ -256,6 +272,7 @@ impl Agent {
                     turn_lock: tokio::sync::Mutex::new(()),
                     running: Mutex::new(None),
                     titled: AtomicBool::new(false),
+                    quota: quota::SessionQuota::default(),
                     always: approval::AlwaysSet::default(),
                     origin: Mutex::new(Origin::channel("local")),
                 })
@@ -292,6 +309,8 @@ pub struct AgentSession {
     running: Mutex<Option<CancellationToken>>,
     /// Whether this process already made sure the session has a title.
     titled: AtomicBool,
+    /// Tool-call and failure windows for `[quotas]`.
+    quota: quota::SessionQuota,
     /// Calls approved with `always` in this session.
     always: approval::AlwaysSet,
     /// Who the running turn came from (who may approve its calls).
@@ -400,6 +419,7 @@ impl AgentSession {
         audited: &mut TurnAudit,
     ) -> Result<TurnOutcome, AgentError> {
         let sh = &self.shared;
+        self.admit().await?;
         // The message and its `turn_started` audit row are one write.
         let session = self.id.clone();
         let (ids, _) = sh
@@ -534,6 +554,7 @@ impl AgentSession {
                 assembler.finish()
             };
             usage.add(completion.usage);
+            let day_tokens = self.charge(completion.usage).await?;
             tracing::debug!(
                 round,
                 ms = started.elapsed().as_millis() as u64,
@@ -567,6 +588,24 @@ impl AgentSession {
                     tool_calls,
                 });
             }
+            if let Err(exceeded) = quota::check_tokens(
+                &sh.config.quotas,
+                usage.prompt_tokens + usage.completion_tokens,
+                day_tokens,
+            ) {
+                // Keep the text the model produced, but run no more tools.
+                let note = ChatMessage::assistant(
+                    format!("{}[stopped: {exceeded}]", completion.text),
+                    Vec::new(),
+                );
+                sh.store.append_message(&self.id, &note, None).await?;
+                self.audit(
+                    "quota_exceeded",
+                    serde_json::json!({ "message": exceeded.to_string() }),
+                )
+                .await?;
+                return Err(exceeded.into());
+            }
             if last_round {
                 // Keep the text the model produced, but run no more tools.
                 let note = ChatMessage::assistant(
@@ -591,6 +630,8 @@ impl AgentSession {
             let mut batch = vec![assistant];
             let mut invocations = Vec::new();
             let mut was_cancelled = false;
+            // Set when a burst of failed calls suspends the session.
+            let mut suspended_for: Option<String> = None;
             for call in &completion.tool_calls {
                 tool_calls += 1;
                 let _ = events
@@ -601,10 +642,31 @@ impl AgentSession {
                     })
                     .await;
                 let started_at = chrono::Utc::now();
-                let result = if was_cancelled {
+                let result = if let Some(reason) = &suspended_for {
+                    openpista_tools::ToolResult {
+                        outcome: ToolOutcome::Denied,
+                        content: format!("error: not run: the session was suspended ({reason})"),
+                        exit_code: None,
+                        duration: std::time::Duration::ZERO,
+                    }
+                } else if was_cancelled {
                     openpista_tools::ToolResult {
                         outcome: ToolOutcome::Cancelled,
                         content: "error: cancelled".to_owned(),
+                        exit_code: None,
+                        duration: std::time::Duration::ZERO,
+                    }
+                } else if let Err(exceeded) =
+                    self.quota.take_tool_call(&sh.config.quotas, Instant::now())
+                {
+                    self.audit(
+                        "quota_exceeded",
+                        serde_json::json!({ "tool": call.name, "message": exceeded.to_string() }),
+                    )
+                    .await?;
+                    openpista_tools::ToolResult {
+                        outcome: ToolOutcome::Denied,
+                        content: format!("error: not run: {exceeded}"),
                         exit_code: None,
                         duration: std::time::Duration::ZERO,
                     }
@@ -638,6 +700,14 @@ impl AgentSession {
                 };
                 if result.outcome == ToolOutcome::Cancelled {
                     was_cancelled = true;
+                }
+                if matches!(result.outcome, ToolOutcome::Error | ToolOutcome::Timeout)
+                    && let Some(n) = self.quota.record_failure(&sh.config.quotas, Instant::now())
+                {
+                    suspended_for = Some(format!(
+                        "{n} tool calls failed within {}s, [quotas] failure_burst",
+                        sh.config.quotas.failure_window_secs
+                    ));
                 }
                 tracing::info!(
                     tool = %call.name,
@@ -698,6 +768,16 @@ impl AgentSession {
                     }),
                 )
                 .await?;
+            }
+            if let Some(reason) = suspended_for {
+                sh.store.suspend_session(&self.id, &reason).await?;
+                self.audit(
+                    "session_suspended",
+                    serde_json::json!({ "reason": reason, "by": "quota" }),
+                )
+                .await?;
+                tracing::warn!(session = %self.id, %reason, "session suspended");
+                return Err(AgentError::Suspended { reason });
             }
             if was_cancelled || cancel.is_cancelled() {
                 return Err(AgentError::Cancelled);
@@ -834,6 +914,44 @@ impl AgentSession {
         )
         .await?;
         Ok(result)
+    }
+
+    /// Refuses a turn of a suspended session, or of one over its daily
+    /// tokens (audited as `turn_refused`).
+    async fn admit(&self) -> Result<(), AgentError> {
+        let sh = &self.shared;
+        let refusal: AgentError = match sh.store.suspension(&self.id).await? {
+            None => return Err(AgentError::NotFound(self.id.clone())),
+            Some(Some(reason)) => AgentError::Suspended { reason },
+            Some(None) if sh.config.quotas.tokens_per_day == 0 => return Ok(()),
+            Some(None) => {
+                let used = sh.store.token_usage(&self.id, &quota::today()).await?;
+                match quota::check_tokens(&sh.config.quotas, 0, used) {
+                    Ok(()) => return Ok(()),
+                    Err(exceeded) => exceeded.into(),
+                }
+            }
+        };
+        self.audit(
+            "turn_refused",
+            serde_json::json!({ "code": refusal.code().as_str(), "message": refusal.to_string() }),
+        )
+        .await?;
+        Err(refusal)
+    }
+
+    /// Counts a model call's tokens toward today's (when `[quotas]
+    /// tokens_per_day` is on); returns today's total so far (0 when off).
+    async fn charge(&self, usage: Usage) -> Result<u64, AgentError> {
+        if self.shared.config.quotas.tokens_per_day == 0 {
+            return Ok(0);
+        }
+        let tokens = usage.prompt_tokens + usage.completion_tokens;
+        Ok(self
+            .shared
+            .store
+            .add_token_usage(&self.id, &quota::today(), tokens)
+            .await?)
     }
 
     /// Appends an audit row for this session, acted by the agent.

@@ -26,6 +26,7 @@ pub async fn dispatch(command: Command, loaded: Loaded, env: Env) -> Result<Exit
         Command::Status { remote } => daemon::status(&loaded, &remote).await,
         Command::Models { json } => models(&loaded, json),
         Command::Sessions(cmd) => sessions(&loaded, cmd).await,
+        Command::Doctor => crate::doctor::run(&loaded, &env).await,
         Command::Tools(cmd) => tools(&loaded, &env, cmd).await,
         Command::Skills(cmd) => skills(&loaded, &env, cmd).await,
         Command::Audit(args) => audit(&loaded, args).await,
@@ -460,36 +461,22 @@ fn human_size(bytes: u64) -> String {
 }
 
 async fn sessions(loaded: &Loaded, cmd: SessionsCommand) -> Result<ExitCode> {
+    use openpista_proto::wire::SessionAction;
     let store = wiring::store(loaded).await?;
     match cmd {
-        SessionsCommand::List { limit, json } => {
-            let list = store.list_sessions(limit as usize).await?;
-            if json {
-                let rows: Vec<_> = list
-                    .iter()
-                    .map(|s| {
-                        serde_json::json!({
-                            "id": s.id, "channel": s.channel, "title": s.title,
-                            "created_at": s.created_at.to_string(), "updated_at": s.updated_at.to_string(),
-                            "message_count": s.message_count,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else if list.is_empty() {
-                println!("no sessions yet");
-            } else {
-                for s in list {
-                    println!(
-                        "{}  {:<8} {:>4} msgs  {}  {}",
-                        s.id,
-                        s.channel,
-                        s.message_count,
-                        s.updated_at,
-                        s.title.unwrap_or_default()
-                    );
-                }
-            }
+        SessionsCommand::List {
+            limit,
+            json,
+            remote,
+        } => return crate::sessions::list(loaded, &remote, limit, json).await,
+        SessionsCommand::Kill { id, remote } => {
+            return crate::sessions::control(loaded, &remote, &id, SessionAction::Kill).await;
+        }
+        SessionsCommand::Suspend { id, remote } => {
+            return crate::sessions::control(loaded, &remote, &id, SessionAction::Suspend).await;
+        }
+        SessionsCommand::Resume { id, remote } => {
+            return crate::sessions::control(loaded, &remote, &id, SessionAction::Resume).await;
         }
         SessionsCommand::Show { id, limit, json } => {
             if store.get_session(&id).await?.is_none() {

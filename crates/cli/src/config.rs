@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use openpista_agent::AgentConfig;
+use openpista_agent::{AgentConfig, QuotaConfig};
 use openpista_channels::SecretString;
 use openpista_channels::telegram::{DEFAULT_API_URL, MAX_POLL_TIMEOUT_SECS, TelegramConfig};
 use openpista_gateway::{GatewayConfig, MetricsConfig};
@@ -33,6 +33,8 @@ pub struct Config {
     pub paths: PathsConfig,
     pub llm: LlmConfig,
     pub agent: AgentConfig,
+    /// `[quotas]`: per-session limits (copied into `agent.quotas` at parse).
+    pub quotas: QuotaConfig,
     pub approvals: openpista_agent::ApprovalConfig,
     pub tools: ToolsConfig,
     pub skills: SkillsConfig,
@@ -409,8 +411,9 @@ pub fn load(explicit: Option<&Path>, env: &Env) -> Result<Loaded> {
 
 /// Parses config text; errors name the file, line and key.
 pub fn parse(text: &str, file: &Path) -> Result<Config> {
-    let config: Config = toml::from_str(text)
+    let mut config: Config = toml::from_str(text)
         .map_err(|e| anyhow::anyhow!("invalid config file {}:\n{e}", file.display()))?;
+    config.agent.quotas = config.quotas.clone();
     validate(&config).with_context(|| format!("invalid config file {}", file.display()))?;
     Ok(config)
 }
@@ -448,6 +451,10 @@ fn validate(config: &Config) -> Result<()> {
     if config.tools.system_run.sandbox == RunSandbox::Docker && !d.enabled {
         bail!("tools.system_run.sandbox = \"docker\" needs [sandbox.docker] enabled = true");
     }
+    let q = &config.quotas;
+    if q.failure_burst > 0 && q.failure_window_secs == 0 {
+        bail!("quotas.failure_window_secs must be at least 1 when quotas.failure_burst is set");
+    }
     config.gateway.validate()?;
     let tg = &config.channels.telegram;
     if tg.poll_timeout_secs > MAX_POLL_TIMEOUT_SECS {
@@ -484,6 +491,8 @@ mod tests {
         assert_eq!(c.sandbox.docker, DockerConfig::default());
         assert_eq!(c.sandbox.wasm, WasmSandboxConfig::default());
         assert_eq!(c.tools.system_run, CommandPolicy::default());
+        assert_eq!(c.quotas, QuotaConfig::default());
+        assert_eq!(c.agent, AgentConfig::default());
         assert_eq!(
             c.tools.desktop,
             openpista_tools::desktop::DesktopConfig::default()
@@ -527,6 +536,20 @@ mod tests {
         ] {
             assert!(parse(bad, Path::new("c")).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn quotas_reach_the_agent_and_are_checked() {
+        let c = parse(
+            "[quotas]\ntokens_per_turn = 100\ntokens_per_day = 1000\ntool_calls_per_minute = 5\nfailure_burst = 3\nfailure_window_secs = 30\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(c.agent.quotas, c.quotas);
+        assert_eq!(c.agent.quotas.tokens_per_day, 1000);
+        assert!(parse("[quotas]\nfailure_window_secs = 0\n", Path::new("c")).is_err());
+        assert!(parse("[quotas]\ntokens_per_week = 1\n", Path::new("c")).is_err());
+        assert!(parse("[agent]\nquotas = {}\n", Path::new("c")).is_err());
     }
 
     #[test]

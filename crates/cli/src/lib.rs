@@ -9,6 +9,8 @@ mod commands;
 pub mod config;
 mod cron;
 mod daemon;
+mod doctor;
+mod sessions;
 mod telegram;
 mod wiring;
 
@@ -66,9 +68,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Inspect stored sessions.
+    /// Inspect stored sessions; kill, suspend or resume one.
     #[command(subcommand)]
     Sessions(SessionsCommand),
+    /// Check the setup; name every insecure setting and how to fix it.
+    ///
+    /// Exits 1 when something is wrong.
+    Doctor,
     /// List tools or call one through the same policy as the agent.
     #[command(subcommand)]
     Tools(ToolsCommand),
@@ -191,12 +197,37 @@ pub struct RemoteArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum SessionsCommand {
-    /// Newest sessions first.
+    /// Newest sessions first, with each one's state (idle, running,
+    /// waiting-approval, suspended).
     List {
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Cancel the session's running turn in the daemon, killing its tool
+    /// processes and containers.
+    Kill {
+        #[arg(value_parser = session_id)]
+        id: SessionId,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Refuse the session's turns (and kill a running one) until `resume`.
+    Suspend {
+        #[arg(value_parser = session_id)]
+        id: SessionId,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Let a suspended session take turns again.
+    Resume {
+        #[arg(value_parser = session_id)]
+        id: SessionId,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// A session's messages and tool calls.
     Show {

@@ -33,7 +33,9 @@ use std::time::Duration;
 
 use futures::Stream;
 use openpista_proto::frame::{self, FrameDecoder, FrameError};
-use openpista_proto::wire::{ClientFrame, Decision, ServerFrame, SessionInfo};
+use openpista_proto::wire::{
+    ClientFrame, Decision, ServerFrame, SessionAction, SessionInfo, SessionState,
+};
 use openpista_proto::{AgentEvent, ChatMessage, ErrorCode, PROTOCOL_VERSION, SessionId};
 
 pub use tls::{Trust, parse_fingerprint};
@@ -328,6 +330,54 @@ impl Client {
         };
         match self.request(&request).await? {
             ServerFrame::Approved { .. } => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Cancels the session's running turn; the daemon kills its tool
+    /// processes and containers. Returns whether a turn was running.
+    pub async fn kill_session(&self, session_id: &SessionId) -> Result<bool, ClientError> {
+        Ok(self
+            .control_session(session_id, SessionAction::Kill)
+            .await?
+            .1)
+    }
+
+    /// Suspends the session (a running turn is cancelled; new turns are
+    /// refused with `session_suspended` until resumed, across restarts).
+    pub async fn suspend_session(&self, session_id: &SessionId) -> Result<bool, ClientError> {
+        Ok(self
+            .control_session(session_id, SessionAction::Suspend)
+            .await?
+            .1)
+    }
+
+    /// Lets a suspended session take turns again.
+    pub async fn resume_session(
+        &self,
+        session_id: &SessionId,
+    ) -> Result<SessionState, ClientError> {
+        Ok(self
+            .control_session(session_id, SessionAction::Resume)
+            .await?
+            .0)
+    }
+
+    /// Applies `action` to the session; returns its state afterwards and
+    /// whether a turn was running.
+    pub async fn control_session(
+        &self,
+        session_id: &SessionId,
+        action: SessionAction,
+    ) -> Result<(SessionState, bool), ClientError> {
+        let request = ClientFrame::ControlSession {
+            session_id: session_id.clone(),
+            action,
+        };
+        match self.request(&request).await? {
+            ServerFrame::SessionControlled {
+                state, was_running, ..
+            } => Ok((state, was_running)),
             other => Err(unexpected(other)),
         }
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use openpista_agent::{Agent, ApprovalRefusal, Origin};
-use openpista_proto::wire::{Decision, SessionInfo};
+use openpista_proto::wire::{Decision, SessionAction, SessionInfo, SessionState};
 use openpista_proto::{AgentEvent, ChatMessage, SessionId};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -214,12 +214,14 @@ impl Gateway {
         Ok(rows
             .into_iter()
             .map(|s| SessionInfo {
-                id: s.id,
                 channel: s.channel,
                 title: s.title,
                 created_at: s.created_at.to_rfc3339(),
                 updated_at: s.updated_at.to_rfc3339(),
                 message_count: s.message_count,
+                state: self.session_state(&s.id, s.suspended_reason.is_some()),
+                suspended_reason: s.suspended_reason,
+                id: s.id,
             })
             .collect())
     }
@@ -288,6 +290,46 @@ impl Gateway {
             running_turns: self.inner.router.pending_turns() as u64,
             connections: self.inner.connections.load(Ordering::SeqCst),
         }
+    }
+
+    /// What session `id` is doing (`suspended`: whether the store says so).
+    pub fn session_state(&self, id: &SessionId, suspended: bool) -> SessionState {
+        let agent = &self.inner.agent;
+        if suspended {
+            SessionState::Suspended
+        } else if agent.is_waiting_approval(id) {
+            SessionState::WaitingApproval
+        } else if agent.is_running(id) {
+            SessionState::Running
+        } else {
+            SessionState::Idle
+        }
+    }
+
+    /// Kills (cancels the running turn, killing its processes and
+    /// containers), suspends (that, and refuses turns until resumed) or
+    /// resumes session `id`. Returns its state afterwards and whether a turn
+    /// was running.
+    pub async fn control_session(
+        &self,
+        id: &SessionId,
+        action: SessionAction,
+    ) -> Result<(SessionState, bool), GatewayError> {
+        let agent = &self.inner.agent;
+        let was_running = match action {
+            SessionAction::Kill => agent.kill_session(id).await?,
+            SessionAction::Suspend => {
+                agent
+                    .suspend_session(id, "suspended by the operator")
+                    .await?
+            }
+            SessionAction::Resume => {
+                agent.resume_session(id).await?;
+                false
+            }
+        };
+        let suspended = agent.suspension(id).await?.is_some();
+        Ok((self.session_state(id, suspended), was_running))
     }
 
     /// Stops accepting turns, cancels running ones and waits for them (at

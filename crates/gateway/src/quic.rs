@@ -263,6 +263,7 @@ async fn serve_connection(
         | ClientFrame::GetHistory { .. }
         | ClientFrame::Cancel { .. }
         | ClientFrame::Approve { .. }
+        | ClientFrame::ControlSession { .. }
         | ClientFrame::Status {} => {
             let msg = "the first frame must be hello".to_owned();
             return refuse(&conn, send, ErrorCode::BadRequest, msg).await;
@@ -449,6 +450,15 @@ async fn serve_stream(
             .approve(&id, decision, &Origin::channel("quic"), None)
             .await
             .map(|()| ServerFrame::Approved { id })
+            .map_err(|e| (e.code(), e.to_string())),
+        ClientFrame::ControlSession { session_id, action } => gateway
+            .control_session(&session_id, action)
+            .await
+            .map(|(state, was_running)| ServerFrame::SessionControlled {
+                session_id,
+                state,
+                was_running,
+            })
             .map_err(|e| (e.code(), e.to_string())),
         ClientFrame::Status {} => {
             let s = gateway.status();

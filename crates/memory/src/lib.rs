@@ -16,6 +16,7 @@ mod error;
 mod invocations;
 mod messages;
 mod pairing;
+mod quotas;
 mod sessions;
 mod store;
 mod writer;

@@ -28,6 +28,8 @@ pub struct SessionSummary {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub message_count: u64,
+    /// Why the session is suspended, if it is.
+    pub suspended_reason: Option<String>,
 }
 
 impl Store {
@@ -101,7 +103,7 @@ impl Store {
     /// message counts.
     pub async fn list_sessions(&self, limit: usize) -> Result<Vec<SessionSummary>, MemoryError> {
         let rows = sqlx::query(
-            "SELECT s.id, s.channel, s.title, s.created_at, s.updated_at,
+            "SELECT s.id, s.channel, s.title, s.created_at, s.updated_at, s.suspended_reason,
                     (SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) AS message_count
              FROM sessions s
              ORDER BY s.updated_at DESC, s.rowid DESC
@@ -115,6 +117,7 @@ impl Store {
             .map(|row| {
                 let record = decode_record(row)?;
                 let count: i64 = col(row, "message_count", "sessions", &record.id)?;
+                let suspended_reason = col(row, "suspended_reason", "sessions", &record.id)?;
                 Ok(SessionSummary {
                     message_count: to_u64(count, "sessions", &record.id, "message_count")?,
                     id: record.id,
@@ -122,6 +125,7 @@ impl Store {
                     title: record.title,
                     created_at: record.created_at,
                     updated_at: record.updated_at,
+                    suspended_reason,
                 })
             })
             .collect()

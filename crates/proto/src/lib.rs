@@ -280,6 +280,9 @@ pub enum ErrorCode {
     StorageError,
     /// A limit or quota was exceeded.
     LimitExceeded,
+    /// The session is suspended (by an operator, or after a burst of failed
+    /// tool calls) and refuses turns until `openpista sessions resume`.
+    SessionSuspended,
     /// The client speaks a protocol version this server does not.
     UnsupportedVersion,
     /// A frame's length prefix exceeds the limit.
@@ -305,6 +308,7 @@ impl ErrorCode {
             ErrorCode::MaxRounds => "max_rounds",
             ErrorCode::StorageError => "storage_error",
             ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::SessionSuspended => "session_suspended",
             ErrorCode::UnsupportedVersion => "unsupported_version",
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::InvalidFrame => "invalid_frame",

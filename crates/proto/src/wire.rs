@@ -58,6 +58,11 @@ pub enum ClientFrame {
     },
     /// Cancel the session's running turn.
     Cancel { session_id: SessionId },
+    /// Kill, suspend or resume a session (reply: `session_controlled`).
+    ControlSession {
+        session_id: SessionId,
+        action: SessionAction,
+    },
     /// Answer an approval request.
     Approve { id: String, decision: Decision },
     /// Server status.
@@ -73,6 +78,50 @@ pub struct SessionInfo {
     pub created_at: String,
     pub updated_at: String,
     pub message_count: u64,
+    /// What the session is doing now.
+    #[serde(default)]
+    pub state: SessionState,
+    /// Why it is suspended (when `state` is `suspended`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended_reason: Option<String>,
+}
+
+/// What a session is doing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// No turn is running.
+    #[default]
+    Idle,
+    /// A turn is running.
+    Running,
+    /// A running turn waits for a human decision on a tool call.
+    WaitingApproval,
+    /// The session refuses turns until resumed.
+    Suspended,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Idle => "idle",
+            SessionState::Running => "running",
+            SessionState::WaitingApproval => "waiting-approval",
+            SessionState::Suspended => "suspended",
+        }
+    }
+}
+
+/// What `control_session` does to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionAction {
+    /// Cancel the running turn (its processes and containers are killed).
+    Kill,
+    /// Cancel the running turn and refuse new ones until `resume`.
+    Suspend,
+    /// Accept turns again.
+    Resume,
 }
 
 /// What a server sends.
@@ -96,6 +145,13 @@ pub enum ServerFrame {
     Cancelled { was_running: bool },
     /// Reply to `approve`.
     Approved { id: String },
+    /// Reply to `control_session`: the session's state afterwards, and
+    /// whether a running turn was cancelled.
+    SessionControlled {
+        session_id: SessionId,
+        state: SessionState,
+        was_running: bool,
+    },
     /// Reply to `status`.
     StatusReport {
         server_version: String,
@@ -129,6 +185,7 @@ impl ServerFrame {
             | ServerFrame::History { .. }
             | ServerFrame::Cancelled { .. }
             | ServerFrame::Approved { .. }
+            | ServerFrame::SessionControlled { .. }
             | ServerFrame::StatusReport { .. }
             | ServerFrame::Error { .. } => true,
         }
