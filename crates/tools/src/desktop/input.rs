@@ -179,17 +179,20 @@ fn perform(
     action: Action,
     keys: Vec<Key>,
 ) -> Result<ToolOutput, ToolError> {
-    // Our own connection first: it gives the clear errors and the screen size.
-    let (width, height) = {
-        let (conn, screen_num) = connect(display)?;
-        let screen =
-            conn.setup().roots.get(screen_num).ok_or_else(|| {
-                ToolError::Failed(format!("the X display {display} has no screen"))
-            })?;
-        (
+    // Our own connection first: it gives the clear errors and the screen
+    // size. It stays open until the action is done: an X server with no
+    // client left resets, which would cut enigo's connection as it opens.
+    let (conn, screen_num) = connect(display)?;
+    let (width, height) = match conn.setup().roots.get(screen_num) {
+        Some(screen) => (
             u32::from(screen.width_in_pixels),
             u32::from(screen.height_in_pixels),
-        )
+        ),
+        None => {
+            return Err(ToolError::Failed(format!(
+                "the X display {display} has no screen"
+            )));
+        }
     };
     let check = |x: u32, y: u32| -> Result<(i32, i32), ToolError> {
         if x >= width || y >= height {
@@ -302,6 +305,7 @@ fn perform(
     // enigo buffers its requests; a round trip sends them and waits until the
     // server has acted on them, before the connection closes on drop.
     enigo.location().map_err(fail)?;
+    drop(conn);
     Ok(ToolOutput::ok(done))
 }
 
