@@ -437,7 +437,8 @@ mod tests {
         let a = openpista_proto::new_approval_id();
         let b = openpista_proto::new_approval_id();
         assert_ne!(a, b);
-        assert!(a.len() >= 3 + 32, "{a}");
+        assert_eq!(a.len(), 3 + 32, "{a}");
+        assert!(a[3..].chars().all(|c| c.is_ascii_hexdigit()), "{a}");
     }
 
     #[test]

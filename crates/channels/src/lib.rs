@@ -44,6 +44,33 @@ pub enum InboundKind {
     Cancel,
     /// Report the gateway's status (`/status`).
     Status,
+    /// A decision on an approval request (a pressed button); the handler
+    /// checks that this user and conversation may answer it.
+    Approval { id: String, choice: ApprovalChoice },
+}
+
+/// What a handler answers to an [`InboundKind::Approval`] it refuses
+/// (someone else's request, or one no longer waiting).
+pub const APPROVAL_REFUSED: &str = "Sorry, this request is not yours, or it is no longer waiting.";
+
+/// A human's answer to an approval request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalChoice {
+    /// Run this call once.
+    Approve,
+    /// Refuse it.
+    Deny,
+    /// Run it, and the same call again in this session without asking.
+    Always,
+}
+
+/// An approval request to show in the conversation, with buttons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalPrompt {
+    /// The approval id the buttons answer.
+    pub id: String,
+    /// Plain text describing the call (the adapter escapes it).
+    pub text: String,
 }
 
 /// One reply to a conversation.
@@ -56,19 +83,43 @@ pub struct Outbound {
 }
 
 /// Where a handler shows the reply so far while it works (the adapter
-/// renders it as a draft, throttled). Updating it is optional.
+/// renders it as a draft, throttled), and asks for approvals. Updating it is
+/// optional.
 #[derive(Debug)]
-pub struct Draft(pub(crate) tokio::sync::watch::Sender<String>);
+pub struct Draft {
+    text: tokio::sync::watch::Sender<String>,
+    prompts: Option<tokio::sync::mpsc::UnboundedSender<ApprovalPrompt>>,
+}
 
 impl Draft {
-    /// A draft nobody shows (commands, tests).
+    /// A draft nobody shows (commands, tests); approval prompts go nowhere.
     pub fn none() -> Self {
-        Self(tokio::sync::watch::channel(String::new()).0)
+        Self {
+            text: tokio::sync::watch::channel(String::new()).0,
+            prompts: None,
+        }
+    }
+
+    /// A draft feeding `text` and, if given, `prompts`.
+    pub(crate) fn new(
+        text: tokio::sync::watch::Sender<String>,
+        prompts: Option<tokio::sync::mpsc::UnboundedSender<ApprovalPrompt>>,
+    ) -> Self {
+        Self { text, prompts }
     }
 
     /// Replaces the text shown so far.
     pub fn show(&self, text_so_far: &str) {
-        self.0.send_replace(text_so_far.to_owned());
+        self.text.send_replace(text_so_far.to_owned());
+    }
+
+    /// Shows an approval request with Approve / Deny / Always buttons.
+    /// Returns false when this conversation cannot show one (the request
+    /// then times out, which denies it).
+    pub fn ask(&self, prompt: ApprovalPrompt) -> bool {
+        self.prompts
+            .as_ref()
+            .is_some_and(|p| p.send(prompt).is_ok())
     }
 }
 

@@ -36,7 +36,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::text::split_escaped;
-use crate::{ChannelAdapter, ChannelError, Draft, Inbound, InboundHandler, InboundKind, Outbound};
+use crate::{
+    APPROVAL_REFUSED, ApprovalChoice, ApprovalPrompt, ChannelAdapter, ChannelError, Draft, Inbound,
+    InboundHandler, InboundKind, Outbound,
+};
 
 /// The channel's name.
 pub const TELEGRAM: &str = "telegram";
@@ -65,6 +68,8 @@ pub const TOO_LONG: &str = "Sorry, that message is too long.";
 pub const UNKNOWN_COMMAND: &str = "Unknown command. Try /start, /new, /cancel or /status.";
 /// Answer to a button press the adapter does not know.
 pub const UNKNOWN_BUTTON: &str = "This button is not active.";
+/// The approval buttons' labels; their callback data is `ap:<y|n|a>:<id>`.
+pub const APPROVAL_BUTTONS: [(&str, &str); 3] = [("Approve", "y"), ("Deny", "n"), ("Always", "a")];
 
 /// The adapter's settings. The token is a [`SecretString`]: never printed.
 #[derive(Clone, Debug)]
@@ -302,9 +307,12 @@ impl TelegramAdapter {
             self.inner.draft_interval,
             stop.clone(),
         ));
+        // Approval requests of this turn, shown with buttons as they come.
+        let (prompts, asked) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(show_prompts(replier.clone(), chat, asked));
         let answer = {
             let _stop = stop.clone().drop_guard();
-            handler.handle(inbound, Draft(tx)).await
+            handler.handle(inbound, Draft::new(tx, Some(prompts))).await
         };
         let shown = drafting.await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "telegram: the draft task failed");
@@ -313,9 +321,71 @@ impl TelegramAdapter {
         replier.finish(chat, shown, &answer).await;
     }
 
+    /// A pressed approval button: only an allowed user's press reaches the
+    /// handler, which checks that this user and chat own the request. The
+    /// press is answered with the outcome; an accepted one removes the
+    /// buttons.
+    async fn handle_button(
+        &self,
+        q: teloxide::types::CallbackQuery,
+        choice: ApprovalChoice,
+        id: String,
+        handler: Arc<dyn InboundHandler>,
+    ) {
+        let user = q.from.id.0;
+        let target = q.message.as_ref().map(|m| (m.chat().clone(), m.id()));
+        let answer = match &target {
+            Some((chat, _)) if self.is_allowed(user).await => {
+                let session_key = if chat.is_private() {
+                    chat.id.0.to_string()
+                } else {
+                    format!("{}-{user}", chat.id.0)
+                };
+                let inbound = Inbound {
+                    channel: TELEGRAM.to_owned(),
+                    conversation: chat.id.0.to_string(),
+                    session_key,
+                    user: user.to_string(),
+                    kind: InboundKind::Approval { id, choice },
+                };
+                handler.handle(inbound, Draft::none()).await
+            }
+            _ => APPROVAL_REFUSED.to_owned(),
+        };
+        tracing::info!(
+            user,
+            accepted = answer != APPROVAL_REFUSED,
+            "telegram: approval button"
+        );
+        if let Err(e) = self
+            .inner
+            .bot
+            .answer_callback_query(q.id.clone())
+            .text(answer.clone())
+            .await
+        {
+            tracing::debug!(error = %e, "telegram: answerCallbackQuery failed");
+        }
+        if answer != APPROVAL_REFUSED
+            && let Some((chat, message)) = target
+            && let Err(e) = self
+                .inner
+                .bot
+                .edit_message_reply_markup(chat.id, message)
+                .await
+        {
+            tracing::debug!(error = %e, "telegram: removing the approval buttons failed");
+        }
+    }
+
     /// Answers (or ignores) an update that is not a new message.
-    async fn handle_other(&self, kind: UpdateKind) {
+    async fn handle_other(&self, kind: UpdateKind, handler: Arc<dyn InboundHandler>) {
         match kind {
+            UpdateKind::CallbackQuery(q) if q.data.as_deref().and_then(parse_button).is_some() => {
+                if let Some((choice, id)) = q.data.as_deref().and_then(parse_button) {
+                    self.handle_button(q, choice, id, handler).await;
+                }
+            }
             UpdateKind::EditedMessage(m) => tracing::info!(
                 chat = m.chat.id.0,
                 "telegram: ignored an edited message (send a new one instead)"
@@ -429,7 +499,10 @@ impl ChannelAdapter for TelegramAdapter {
                                     });
                                 }
                                 other => {
-                                    tracker.spawn(async move { this.handle_other(other).await });
+                                    let handler = handler.clone();
+                                    tracker.spawn(async move {
+                                        this.handle_other(other, handler).await
+                                    });
                                 }
                             }
                         }
@@ -552,6 +625,44 @@ impl TelegramReplier {
             }
         }
     }
+}
+
+/// Sends each approval request of a turn as a message with Approve / Deny /
+/// Always buttons (plain text: nothing to escape).
+async fn show_prompts(
+    replier: TelegramReplier,
+    chat: ChatId,
+    mut prompts: tokio::sync::mpsc::UnboundedReceiver<ApprovalPrompt>,
+) {
+    use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup};
+    while let Some(prompt) = prompts.recv().await {
+        let buttons = APPROVAL_BUTTONS.map(|(label, code)| {
+            InlineKeyboardButton::callback(label, format!("ap:{code}:{}", prompt.id))
+        });
+        let text: String = prompt.text.chars().take(MAX_MESSAGE_CHARS).collect();
+        let res = replier
+            .bot
+            .send_message(chat, text)
+            .reply_markup(InlineKeyboardMarkup::new([buttons]))
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "telegram: cannot show an approval request; it will time out");
+        }
+    }
+}
+
+/// The choice and approval id of an approval button's data.
+fn parse_button(data: &str) -> Option<(ApprovalChoice, String)> {
+    let rest = data.strip_prefix("ap:")?;
+    let (code, id) = rest.split_once(':')?;
+    let choice = match code {
+        "y" => ApprovalChoice::Approve,
+        "n" => ApprovalChoice::Deny,
+        "a" => ApprovalChoice::Always,
+        _ => return None,
+    };
+    let valid = id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    valid.then(|| (choice, id.to_owned()))
 }
 
 /// Shows the reply so far as a draft message: first once the turn has run

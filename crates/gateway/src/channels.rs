@@ -8,13 +8,23 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
-use openpista_channels::{Draft, Inbound, InboundHandler, InboundKind};
+use openpista_agent::Origin;
+use openpista_channels::{
+    APPROVAL_REFUSED, ApprovalChoice, ApprovalPrompt, Draft, Inbound, InboundHandler, InboundKind,
+};
+use openpista_proto::wire::Decision;
 use openpista_proto::{AgentEvent, ErrorCode, SessionId};
 
 use crate::{Gateway, SendRequest};
 
 /// What a cancelled turn answers.
 pub const CANCELLED_REPLY: &str = "Stopped.";
+/// What an accepted approval button answers.
+pub const APPROVED_REPLY: &str = "Approved.";
+/// What an accepted `always` button answers.
+pub const ALWAYS_REPLY: &str = "Approved for this session.";
+/// What an accepted deny button answers.
+pub const DENIED_REPLY: &str = "Denied.";
 
 /// Feeds channel messages into a [`Gateway`].
 #[derive(Debug)]
@@ -56,7 +66,11 @@ impl GatewayBridge {
             channel: inbound.channel.clone(),
             create_missing: true,
         };
-        let mut events = match self.gateway.send(req).await {
+        let sent = self
+            .gateway
+            .send_from(req, Some(inbound.user.clone()))
+            .await;
+        let mut events = match sent {
             Ok(events) => events,
             Err(e) => return format!("Sorry, I could not start that: {e}"),
         };
@@ -77,9 +91,17 @@ impl GatewayBridge {
                 AgentEvent::Error { message, .. } => {
                     return format!("Sorry, that failed: {message}");
                 }
-                AgentEvent::Accepted { .. }
-                | AgentEvent::ToolFinished { .. }
-                | AgentEvent::ApprovalRequired { .. } => {}
+                AgentEvent::ApprovalRequired { id, tool, args } => {
+                    let args: String = args.chars().take(1000).collect();
+                    let text = format!("Allow {tool} {args}?");
+                    if !draft.ask(ApprovalPrompt { id, text }) {
+                        tracing::warn!(
+                            channel = %inbound.channel,
+                            "this conversation cannot show an approval request; it will time out"
+                        );
+                    }
+                }
+                AgentEvent::Accepted { .. } | AgentEvent::ToolFinished { .. } => {}
             }
         }
         "Sorry, the turn ended without an answer.".into()
@@ -102,6 +124,32 @@ impl InboundHandler for GatewayBridge {
                 Some(id) if self.gateway.cancel(&id) => "Cancelling the running turn.".into(),
                 _ => "Nothing is running.".into(),
             },
+            InboundKind::Approval { id, choice } => {
+                let decision = match choice {
+                    ApprovalChoice::Approve => Decision::Approve,
+                    ApprovalChoice::Deny => Decision::Deny,
+                    ApprovalChoice::Always => Decision::Always,
+                };
+                let by = Origin {
+                    channel: inbound.channel.clone(),
+                    user: Some(inbound.user.clone()),
+                };
+                let Some(session) = self.session(&inbound) else {
+                    return APPROVAL_REFUSED.into();
+                };
+                match self
+                    .gateway
+                    .approve(id, decision, &by, Some(&session))
+                    .await
+                {
+                    Ok(()) => match choice {
+                        ApprovalChoice::Approve => APPROVED_REPLY.into(),
+                        ApprovalChoice::Deny => DENIED_REPLY.into(),
+                        ApprovalChoice::Always => ALWAYS_REPLY.into(),
+                    },
+                    Err(_) => APPROVAL_REFUSED.into(),
+                }
+            }
             InboundKind::Status => {
                 let s = self.gateway.status();
                 format!(

@@ -32,7 +32,7 @@ mod router;
 mod tls;
 
 pub use auth::load_or_create_token;
-pub use channels::{CANCELLED_REPLY, GatewayBridge};
+pub use channels::{ALWAYS_REPLY, APPROVED_REPLY, CANCELLED_REPLY, DENIED_REPLY, GatewayBridge};
 pub use config::GatewayConfig;
 pub use cron::{
     CRON_CHANNEL, CronError, CronScheduler, Outbox, RELOAD_INTERVAL, RunReport, Schedule, Target,

@@ -158,7 +158,7 @@ async fn a_quic_client_approves_a_write_and_a_replayed_or_forged_id_is_refused_a
     let (id, tool, args) = until_approval(&mut events).await;
     assert_eq!(tool, "file.write");
     assert!(args.contains("note.txt"), "{args}");
-    assert!(id.len() >= 64, "an unguessable id: {id}");
+    assert_eq!(id.len(), 35, "ap- and 128 random bits: {id}");
     assert!(
         s.gateway.is_waiting_approval(&session),
         "the session shows waiting-approval"
@@ -179,7 +179,7 @@ async fn a_quic_client_approves_a_write_and_a_replayed_or_forged_id_is_refused_a
     // The same id again, and an id nobody issued: refused, audited.
     let replay = client.approve(&id, Decision::Approve).await.unwrap_err();
     assert_eq!(replay.code(), Some(ErrorCode::NotFound));
-    let forged = format!("ap-{}", "0".repeat(64));
+    let forged = format!("ap-{}", "0".repeat(32));
     let forged_err = client
         .approve(&forged, Decision::Approve)
         .await

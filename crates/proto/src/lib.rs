@@ -18,14 +18,20 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest accepted session id, in bytes.
 pub const MAX_SESSION_ID_LEN: usize = 64;
 
-/// A fresh approval id: `ap-` and 256 random bits (two UUID v4s, 244 of
-/// them random) in hex, so that an id cannot be guessed.
+/// A fresh approval id: `ap-` and 128 random bits in 32 hex digits, so
+/// that an id cannot be guessed (short enough for Telegram's 64-byte button
+/// data). The bits are the fully random bytes of two UUID v4s (each has 6
+/// fixed version and variant bits in bytes 6 and 8).
 pub fn new_approval_id() -> String {
-    format!(
-        "ap-{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    )
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let bytes = a[..6].iter().chain(&a[9..]).chain(&b[..3]);
+    let mut id = String::with_capacity(35);
+    id.push_str("ap-");
+    for byte in bytes {
+        id.push_str(&format!("{byte:02x}"));
+    }
+    id
 }
 
 /// Identifies one conversation (an `AgentSession`).

@@ -126,6 +126,35 @@ impl FakeTelegram {
         }}));
     }
 
+    /// Every message the bot sent to `chat_id` with its id (edits applied),
+    /// oldest first.
+    pub fn messages_with_ids(&self, chat_id: i64) -> Vec<(i64, String)> {
+        lock(&self.shared.messages)
+            .iter()
+            .filter(|(_, (chat, _))| *chat == chat_id)
+            .map(|(id, (_, text))| (*id, text.clone()))
+            .collect()
+    }
+
+    /// Queues a press by `user_id` of an inline button carrying `data` under
+    /// the bot's message `message_id` in private chat `chat_id`.
+    pub fn push_button(&self, user_id: i64, chat_id: i64, message_id: i64, data: &str) {
+        let query_id = self.shared.next_update_id.load(Ordering::SeqCst);
+        self.push_update(json!({"callback_query": {
+            "id": format!("cq-{query_id}"),
+            "from": {"id": user_id, "is_bot": false, "first_name": "Ada"},
+            "chat_instance": "ci-1",
+            "data": data,
+            "message": {
+                "message_id": message_id,
+                "date": 1_700_000_000,
+                "chat": {"id": chat_id, "type": "private", "first_name": "Ada"},
+                "from": {"id": BOT_ID, "is_bot": true, "first_name": "Pista"},
+                "text": "approval",
+            },
+        }}));
+    }
+
     /// Queues a raw update (`{"edited_message": ..}`, `{"callback_query": ..}`,
     /// ...); its `update_id` is set here.
     pub fn push_update(&self, mut update: Value) {
@@ -283,6 +312,21 @@ async fn result(shared: &Shared, method: &str, body: &Value) -> Result<Value, (u
             json!({"url": "", "has_custom_certificate": false, "pending_update_count": 0})
         }
         "deletewebhook" | "sendchataction" | "answercallbackquery" => json!(true),
+        "editmessagereplymarkup" => {
+            let chat = body["chat_id"].as_i64().unwrap_or_default();
+            let id = body["message_id"].as_i64().unwrap_or_default();
+            let text = match lock(&shared.messages).get(&id) {
+                Some((c, text)) if *c == chat => text.clone(),
+                _ => return Err((400, "Bad Request: message to edit not found".into())),
+            };
+            json!({
+                "message_id": id,
+                "date": 1_700_000_000,
+                "chat": {"id": chat, "type": "private", "first_name": "Ada"},
+                "from": {"id": BOT_ID, "is_bot": true, "first_name": "Pista"},
+                "text": text,
+            })
+        }
         "getupdates" => {
             let drained: Vec<Value> = lock(&shared.updates).drain(..).collect();
             if drained.is_empty() {
