@@ -276,8 +276,17 @@ fn render(ev: &AgentEvent, out: &mut std::io::Stdout, at_line_start: &mut bool) 
 
 /// Asks on stderr whether `tool` may run with `args` and reads the answer
 /// from stdin: `y` approves, `always` approves it for the session, anything
-/// else denies. With no stdin (closed, EOF) the call is denied.
+/// else denies. With no stdin (closed, EOF), or under CI (`CI` set), the
+/// call is denied without asking.
 async fn ask_approval(tool: &str, args: &str) -> Decision {
+    let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"));
+    if ci {
+        eprintln!(
+            "denied: {tool} needs approval and CI is set, so nobody is asked; \
+             allow it in the config ([approvals.tools] \"{tool}\" = \"allow\") to run it here"
+        );
+        return Decision::Deny;
+    }
     eprint!("approve {tool} {}? [y/N/always] ", truncate(args, 500));
     let _ = std::io::stderr().flush();
     let line = tokio::task::spawn_blocking(|| {

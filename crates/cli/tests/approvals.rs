@@ -1,7 +1,8 @@
 //! Black-box: a tool call that needs approval asks on the terminal
 //! (`approve TOOL ARGS? [y/N/always]` on stderr, the answer on stdin) in
-//! `openpista run -e` and `openpista repl`. No stdin means deny. The
-//! scripted model makes the calls.
+//! `openpista run -e` and `openpista repl`. No stdin, or `CI` set, means
+//! deny. The scripted model makes the calls. The answers are piped (CI is
+//! removed from the child's environment, as on a developer's terminal).
 
 mod common;
 
@@ -47,6 +48,7 @@ fn openpista(home: &Path, args: &[&str], stdin: Option<&str>) -> Out {
         .env_remove("RUST_LOG")
         .env_remove("OPENPISTA_API_KEY")
         .env_remove("OPENAI_API_KEY")
+        .env_remove("CI")
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -101,6 +103,35 @@ fn no_stdin_means_deny_with_a_clear_message() {
     );
     assert!(out.stderr.contains("<- file.write denied"), "{out:#?}");
     assert!(!workspace(h.path()).join("b.txt").exists());
+}
+
+#[test]
+fn under_ci_nobody_is_asked_and_the_call_is_denied() {
+    let h = home(&format!("{}{DONE}", write_call("ci.txt")), "");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_openpista"));
+    cmd.args(["run", "-e", "write a file"])
+        .env("OPENPISTA_HOME", h.path())
+        .env_remove("RUST_LOG")
+        .env("CI", "true")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn openpista");
+    // A "y" is waiting on stdin, and still nobody reads it.
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"y\n")
+        .expect("write stdin");
+    let out = wait_output(child);
+    assert_eq!(prompts(&out), 0, "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("denied: file.write needs approval and CI is set"),
+        "{out:#?}"
+    );
+    assert!(!workspace(h.path()).join("ci.txt").exists());
 }
 
 #[test]
