@@ -231,6 +231,89 @@ async fn capture_shows_the_screen_and_a_region_as_drawn() {
     assert_eq!(r.outcome, ToolOutcome::Error, "{}", r.content);
 }
 
+#[tokio::test]
+async fn capture_of_one_monitor_shows_that_monitor() {
+    use x11rb::protocol::randr::{ConnectionExt as _, MonitorInfo};
+    let x = Xvfb::start(&[]);
+    let (conn, screen) = x.connect();
+    conn.change_window_attributes(
+        screen.root,
+        &ChangeWindowAttributesAux::new().background_pixel(0xff0000),
+    )
+    .unwrap();
+    conn.clear_area(false, screen.root, 0, 0, 0, 0).unwrap();
+    window(&conn, &screen, 300, 200, 40, 40, 0x00ff00);
+    // A second monitor: the right half of the screen.
+    conn.randr_query_version(1, 5).unwrap().reply().unwrap();
+    let name = conn
+        .intern_atom(false, b"RIGHT-HALF")
+        .unwrap()
+        .reply()
+        .unwrap()
+        .atom;
+    conn.randr_set_monitor(
+        screen.root,
+        MonitorInfo {
+            name,
+            primary: false,
+            automatic: false,
+            x: 320,
+            y: 0,
+            width: 320,
+            height: 480,
+            width_in_millimeters: 80,
+            height_in_millimeters: 120,
+            outputs: Vec::new(),
+        },
+    )
+    .unwrap();
+    sync(&conn);
+
+    let ws = tempfile::tempdir().unwrap();
+    let reg = registry(enabled(), x.env());
+    // Find the monitor by its place in the list the tool reports.
+    let r = call(&reg, ws.path(), "screen.capture", json!({"monitor": 9})).await;
+    assert!(r.content.contains("320x480 at (320, 0)"), "{}", r.content);
+    let index = (0..9)
+        .find(|i| r.content.contains(&format!("{i}: 320x480 at (320, 0)")))
+        .expect("the right-half monitor is listed");
+
+    let r = call(
+        &reg,
+        ws.path(),
+        "screen.capture",
+        json!({"monitor": index, "path": "right.png"}),
+    )
+    .await;
+    assert_eq!(r.outcome, ToolOutcome::Ok, "{}", r.content);
+    assert!(
+        r.content.contains(&format!("monitor {index}")),
+        "{}",
+        r.content
+    );
+    let right = decode_png(&ws.path().join("right.png"));
+    assert_eq!((right.0, right.1), (320, 480));
+    assert_eq!(pixel(&right, 0, 0), RED);
+    // The green square spans screen x 300..340: local x 0..20.
+    assert_eq!(pixel(&right, 0, 210), GREEN);
+    assert_eq!(pixel(&right, 19, 239), GREEN);
+    assert_eq!(pixel(&right, 20, 210), RED);
+
+    // A region is relative to the monitor.
+    let r = call(
+        &reg,
+        ws.path(),
+        "screen.capture",
+        json!({"monitor": index, "path": "corner.png", "region": {"x": 10, "y": 230, "width": 20, "height": 20}}),
+    )
+    .await;
+    assert_eq!(r.outcome, ToolOutcome::Ok, "{}", r.content);
+    let corner = decode_png(&ws.path().join("corner.png"));
+    assert_eq!(pixel(&corner, 0, 0), GREEN);
+    assert_eq!(pixel(&corner, 9, 9), GREEN);
+    assert_eq!(pixel(&corner, 10, 10), RED);
+}
+
 /// What the listening window saw.
 #[derive(Debug, PartialEq)]
 enum Seen {
