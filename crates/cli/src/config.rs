@@ -278,7 +278,8 @@ pub struct Env {
     pub home: Option<PathBuf>,
     /// `OPENPISTA_HOME`: one root for config and data (tests, portable installs).
     pub openpista_home: Option<PathBuf>,
-    pub api_key: Option<String>,
+    /// `OPENPISTA_API_KEY` (or `OPENAI_API_KEY`), held as a secret.
+    pub api_key: Option<SecretString>,
     /// `OPENPISTA_TELEGRAM_TOKEN`: the Telegram bot token.
     pub telegram_token: Option<SecretString>,
     pub path: String,
@@ -295,7 +296,9 @@ impl Env {
         Self {
             home: dirs::home_dir(),
             openpista_home: var("OPENPISTA_HOME").map(PathBuf::from),
-            api_key: var("OPENPISTA_API_KEY").or_else(|| var("OPENAI_API_KEY")),
+            api_key: var("OPENPISTA_API_KEY")
+                .or_else(|| var("OPENAI_API_KEY"))
+                .map(SecretString::from),
             telegram_token: var("OPENPISTA_TELEGRAM_TOKEN").map(SecretString::from),
             path: var("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".to_owned()),
             workspace: var("OPENPISTA_WORKSPACE").map(PathBuf::from),

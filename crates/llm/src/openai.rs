@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use rand::Rng;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::{ChatRequest, LlmError, LlmProvider, LlmStream};
@@ -41,14 +41,16 @@ pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 const MAX_ERROR_TEXT: usize = 500;
 
 /// Settings of [`OpenAiProvider`], as read from the config file.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpenAiConfig {
     /// API root; requests go to `{base_url}/chat/completions`.
     pub base_url: String,
     /// Sent as `Authorization: Bearer ..` when set. Required for api.openai.com;
-    /// local servers usually need none. Never logged.
-    pub api_key: Option<String>,
+    /// local servers usually need none. Held as a secret: never logged, and
+    /// `Debug` shows `<redacted>`.
+    #[serde(deserialize_with = "secret_opt")]
+    pub api_key: Option<SecretString>,
     pub model: String,
     /// Retries after the first attempt for 408/409/429/5xx, connection errors
     /// and timeouts.
@@ -78,6 +80,27 @@ impl Default for OpenAiConfig {
     }
 }
 
+/// Reads an optional string straight into a [`SecretString`].
+fn secret_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.map(SecretString::from))
+}
+
+impl PartialEq for OpenAiConfig {
+    fn eq(&self, other: &Self) -> bool {
+        let key = |c: &Self| c.api_key.as_ref().map(|k| k.expose_secret().to_owned());
+        self.base_url == other.base_url
+            && key(self) == key(other)
+            && self.model == other.model
+            && self.max_retries == other.max_retries
+            && self.initial_backoff_ms == other.initial_backoff_ms
+            && self.max_backoff_ms == other.max_backoff_ms
+            && self.request_timeout_secs == other.request_timeout_secs
+            && self.context_window == other.context_window
+    }
+}
+
+impl Eq for OpenAiConfig {}
+
 impl fmt::Debug for OpenAiConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiConfig")
@@ -98,7 +121,7 @@ pub struct OpenAiProvider {
     client: Client<Endpoint>,
     model: String,
     base_url: String,
-    api_key: Option<String>,
+    api_key: Option<SecretString>,
     retry: RetryPolicy,
     request_timeout: Duration,
     context_window: Option<usize>,
@@ -127,7 +150,7 @@ impl OpenAiProvider {
         if cfg.model.trim().is_empty() {
             return Err(LlmError::Config("model is empty".to_owned()));
         }
-        let api_key = cfg.api_key.filter(|k| !k.trim().is_empty());
+        let api_key = cfg.api_key.filter(|k| !k.expose_secret().trim().is_empty());
         if api_key.is_none() && url.host_str() == Some("api.openai.com") {
             return Err(LlmError::Config(
                 "api.openai.com needs an api key (config `api_key`, or OPENPISTA_API_KEY / OPENAI_API_KEY)"
@@ -137,11 +160,13 @@ impl OpenAiProvider {
         let mut headers = HeaderMap::new();
         if let Some(key) = &api_key {
             let mut value =
-                HeaderValue::from_str(&format!("Bearer {}", key.trim())).map_err(|_| {
-                    LlmError::Config(
-                        "api key contains characters not allowed in an HTTP header".to_owned(),
-                    )
-                })?;
+                HeaderValue::from_str(&format!("Bearer {}", key.expose_secret().trim())).map_err(
+                    |_| {
+                        LlmError::Config(
+                            "api key contains characters not allowed in an HTTP header".to_owned(),
+                        )
+                    },
+                )?;
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
@@ -155,7 +180,7 @@ impl OpenAiProvider {
 
         let endpoint = Endpoint {
             api_base: base_url.clone(),
-            api_key: SecretString::from(api_key.clone().unwrap_or_default()),
+            api_key: api_key.clone().unwrap_or_else(|| SecretString::from("")),
             headers,
         };
         // async-openai's default executor wraps every request in its own retry
@@ -253,8 +278,8 @@ impl OpenAiProvider {
 
     fn redact(&self, message: String) -> String {
         match &self.api_key {
-            Some(key) if message.contains(key.as_str()) => {
-                message.replace(key.as_str(), "<redacted>")
+            Some(key) if message.contains(key.expose_secret()) => {
+                message.replace(key.expose_secret(), "<redacted>")
             }
             _ => message,
         }

@@ -15,7 +15,7 @@ const KEY: &str = "sk-test-0123456789-secret";
 fn config(base_url: String) -> OpenAiConfig {
     OpenAiConfig {
         base_url,
-        api_key: Some(KEY.to_owned()),
+        api_key: Some(KEY.into()),
         model: "test-model".to_owned(),
         max_retries: 2,
         initial_backoff_ms: 1,
@@ -482,6 +482,6 @@ fn config_defaults_and_unknown_fields() {
     assert_eq!(cfg.initial_backoff_ms, 500);
     assert_eq!(cfg.max_backoff_ms, 30_000);
     assert_eq!(cfg.request_timeout_secs, 120);
-    assert_eq!(cfg.api_key, None);
+    assert!(cfg.api_key.is_none());
     assert!(toml::from_str::<OpenAiConfig>("modle = \"typo\"").is_err());
 }
