@@ -193,3 +193,58 @@ fn the_repl_asks_between_messages() {
     assert_eq!(prompts(&out), 1, "{out:#?}");
     assert!(workspace(h.path()).join("e.txt").exists(), "{out:#?}");
 }
+
+/// Through the daemon: `run -e --remote` gets `approval_required` over QUIC,
+/// asks on the terminal and answers with `approve` (the SDK's
+/// `Client::approve`); the daemon runs the call only then.
+#[test]
+fn a_remote_run_answers_the_daemons_approval_over_quic() {
+    let script = format!("{}{DONE}{}{DONE}", write_call("r.txt"), write_call("s.txt"));
+    let h = home(&script, "\n[gateway]\nbind = \"127.0.0.1:0\"\n");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_openpista"))
+        .arg("start")
+        .env("OPENPISTA_HOME", h.path())
+        .env_remove("RUST_LOG")
+        .env_remove("CI")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn openpista start");
+    let lines = common::line_reader(daemon.stdout.take().expect("stdout"));
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    let addr = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            let _ = daemon.kill();
+            panic!("the daemon never said where it listens");
+        };
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+        }
+    };
+    let approved = openpista(
+        h.path(),
+        &["run", "-e", "write remotely", "--remote", &addr],
+        Some("y\n"),
+    );
+    let denied = openpista(
+        h.path(),
+        &["run", "-e", "write again", "--remote", &addr],
+        None,
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(approved.code, Some(0), "{approved:#?}");
+    assert_eq!(prompts(&approved), 1, "{approved:#?}");
+    assert!(workspace(h.path()).join("r.txt").exists(), "{approved:#?}");
+    assert!(
+        denied.stderr.contains("<- file.write denied"),
+        "{denied:#?}"
+    );
+    assert!(!workspace(h.path()).join("s.txt").exists());
+}
