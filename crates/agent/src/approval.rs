@@ -3,11 +3,13 @@
 //! The operator's `[approvals]` config gives each tool (and, for
 //! `system.run`, each program) a [`ApprovalPolicy`]: `allow`, `ask` or
 //! `deny`. Mutating tools (`file.write`, `system.run`, `container.run`,
-//! `skill.run`, `input.control`) default to `default_mutating` (`ask`); the others run. A
-//! `system.run` whose commands the operator's allowlist already vets
-//! (`[tools.system_run] mode = "allowlist"`) is allowed unless the config
-//! says otherwise (commands outside the allowlist stay refused by that
-//! policy).
+//! `skill.run`, `input.control`) default to `default_mutating` (`ask`);
+//! the others run. In `[tools.system_run] mode = "allowlist"` a command the
+//! allowlist accepts runs, and one whose only fault is a program off the
+//! allowlist asks (approved, it runs under every other rule of the policy);
+//! a command the policy refuses for another reason (shell syntax, a wrapper,
+//! a path outside the workspace) is refused without asking. In `full` mode
+//! every command asks.
 //!
 //! An `ask` call is bound to the exact tool and canonical arguments (for
 //! `system.run` the command line and working directory) by a SHA-256
@@ -26,6 +28,7 @@ use std::time::Duration;
 use openpista_memory::{AuditEntry, Store, sha256_hex};
 use openpista_proto::SessionId;
 use openpista_proto::wire::Decision;
+use openpista_tools::policy::{CommandPolicy, PolicyMode, PolicyViolation};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -84,18 +87,15 @@ impl Default for ApprovalConfig {
 #[derive(Debug, Clone)]
 pub struct Approvals {
     config: ApprovalConfig,
-    /// `system.run` is already vetted by an allowlist.
-    system_run_vetted: bool,
+    /// The `system.run` command policy, when `system.run` is registered.
+    system_run: Option<CommandPolicy>,
 }
 
 impl Approvals {
-    /// Rules from `config`. `system_run_vetted`: `system.run` only runs
-    /// allowlisted commands, so it is allowed unless configured otherwise.
-    pub fn new(config: ApprovalConfig, system_run_vetted: bool) -> Self {
-        Self {
-            config,
-            system_run_vetted,
-        }
+    /// Rules from `config`, for an agent whose `system.run` (if any) applies
+    /// `system_run`.
+    pub fn new(config: ApprovalConfig, system_run: Option<CommandPolicy>) -> Self {
+        Self { config, system_run }
     }
 
     /// Every call allowed (the library default when no rules are given).
@@ -105,7 +105,7 @@ impl Approvals {
                 default_mutating: ApprovalPolicy::Allow,
                 ..ApprovalConfig::default()
             },
-            true,
+            None,
         )
     }
 
@@ -129,8 +129,27 @@ impl Approvals {
         if let Some(p) = self.config.tools.get(tool) {
             return *p;
         }
-        if tool == "system.run" && self.system_run_vetted {
-            return ApprovalPolicy::Allow;
+        if tool == "system.run"
+            && let Some(policy) = &self.system_run
+        {
+            return match policy.mode {
+                // Refused by the tool anyway: nothing to ask.
+                PolicyMode::Deny => ApprovalPolicy::Allow,
+                PolicyMode::Full => self.config.default_mutating,
+                PolicyMode::Allowlist => {
+                    let command = command_of(args).unwrap_or_default();
+                    match policy.check(&command) {
+                        // Only the program is off the allowlist: ask.
+                        Err(PolicyViolation::NotAllowed { program, .. })
+                            if policy.allowing(&program).check(&command).is_ok() =>
+                        {
+                            self.config.default_mutating
+                        }
+                        // Vetted, or refused by the tool with its reason.
+                        _ => ApprovalPolicy::Allow,
+                    }
+                }
+            };
         }
         if MUTATING_TOOLS.contains(&tool) {
             self.config.default_mutating
@@ -374,7 +393,7 @@ mod tests {
 
     #[test]
     fn mutating_tools_ask_and_read_only_tools_run() {
-        let a = Approvals::new(ApprovalConfig::default(), false);
+        let a = Approvals::new(ApprovalConfig::default(), None);
         assert_eq!(a.policy_for("file.write", "{}"), ApprovalPolicy::Ask);
         assert_eq!(a.policy_for("skill.run", "{}"), ApprovalPolicy::Ask);
         assert_eq!(a.policy_for("container.run", "{}"), ApprovalPolicy::Ask);
@@ -385,10 +404,28 @@ mod tests {
             ApprovalPolicy::Ask
         );
         assert_eq!(a.policy_for("file.read", "{}"), ApprovalPolicy::Allow);
-        let vetted = Approvals::new(ApprovalConfig::default(), true);
+        let vetted = Approvals::new(ApprovalConfig::default(), Some(CommandPolicy::default()));
+        let run = |c: &str| {
+            vetted.policy_for(
+                "system.run",
+                &serde_json::json!({ "command": c }).to_string(),
+            )
+        };
+        assert_eq!(run("ls -la"), ApprovalPolicy::Allow);
+        // Off the allowlist: ask; refused for another reason: no point asking.
+        assert_eq!(run("printf hi"), ApprovalPolicy::Ask);
+        assert_eq!(run("python3 -c 1"), ApprovalPolicy::Allow);
+        assert_eq!(run("printf hi; ls"), ApprovalPolicy::Allow);
+        let full = Approvals::new(
+            ApprovalConfig::default(),
+            Some(CommandPolicy {
+                mode: PolicyMode::Full,
+                ..CommandPolicy::default()
+            }),
+        );
         assert_eq!(
-            vetted.policy_for("system.run", r#"{"command":"ls"}"#),
-            ApprovalPolicy::Allow
+            full.policy_for("system.run", r#"{"command":"ls"}"#),
+            ApprovalPolicy::Ask
         );
     }
 
@@ -397,7 +434,7 @@ mod tests {
         let cfg: ApprovalConfig = toml_like(
             r#"{"tools": {"system.run": "allow"}, "commands": {"rm": "deny", "git": "ask"}}"#,
         );
-        let a = Approvals::new(cfg, true);
+        let a = Approvals::new(cfg, Some(CommandPolicy::default()));
         assert_eq!(
             a.policy_for("system.run", r#"{"command":"rm -rf x"}"#),
             ApprovalPolicy::Deny

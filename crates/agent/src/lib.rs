@@ -281,6 +281,14 @@ impl Agent {
     }
 }
 
+/// What the approval gate decided for one call.
+enum Gate {
+    /// Run it; `approved` when a human approved this exact call.
+    Run { approved: bool },
+    /// Do not run it; this is its result.
+    Refused(openpista_tools::ToolResult),
+}
+
 /// Which of a turn's audit rows are written.
 #[derive(Debug, Default)]
 struct TurnAudit {
@@ -685,18 +693,22 @@ impl AgentSession {
                         exit_code: None,
                         duration: std::time::Duration::ZERO,
                     }
-                } else if let Some(refused) = self
-                    .gate(&call.name, &call.arguments, events, cancel)
-                    .await?
-                {
-                    refused
                 } else {
-                    let ctx = ToolContext {
-                        workspace: sh.workspace.clone(),
-                        cancel: cancel.clone(),
-                        session_id: Some(self.id.clone()),
-                    };
-                    sh.tools.call(&call.name, &call.arguments, &ctx).await
+                    match self
+                        .gate(&call.name, &call.arguments, events, cancel)
+                        .await?
+                    {
+                        Gate::Refused(refused) => refused,
+                        Gate::Run { approved } => {
+                            let ctx = ToolContext {
+                                workspace: sh.workspace.clone(),
+                                cancel: cancel.clone(),
+                                session_id: Some(self.id.clone()),
+                                approved,
+                            };
+                            sh.tools.call(&call.name, &call.arguments, &ctx).await
+                        }
+                    }
                 };
                 if result.outcome == ToolOutcome::Cancelled {
                     was_cancelled = true;
@@ -794,7 +806,7 @@ impl AgentSession {
         args: &str,
         events: &mpsc::Sender<AgentEvent>,
         cancel: &CancellationToken,
-    ) -> Result<Option<openpista_tools::ToolResult>, AgentError> {
+    ) -> Result<Gate, AgentError> {
         let sh = &self.shared;
         let refused = |outcome: ToolOutcome, content: String| openpista_tools::ToolResult {
             outcome,
@@ -804,14 +816,14 @@ impl AgentSession {
         };
         let digest = approval::call_digest(tool, args);
         match sh.approvals.policy_for(tool, args) {
-            ApprovalPolicy::Allow => return Ok(None),
+            ApprovalPolicy::Allow => return Ok(Gate::Run { approved: false }),
             ApprovalPolicy::Deny => {
                 self.audit(
                     "approval_policy_denied",
                     serde_json::json!({ "tool": tool, "call_sha256": digest }),
                 )
                 .await?;
-                return Ok(Some(refused(
+                return Ok(Gate::Refused(refused(
                     ToolOutcome::Denied,
                     format!("error: the operator's approval policy denies {tool} here"),
                 )));
@@ -827,7 +839,7 @@ impl AgentSession {
                 }),
             )
             .await?;
-            return Ok(None);
+            return Ok(Gate::Run { approved: true });
         }
         let origin = self
             .origin
@@ -913,7 +925,7 @@ impl AgentSession {
             }),
         )
         .await?;
-        Ok(result)
+        Ok(result.map_or(Gate::Run { approved: true }, Gate::Refused))
     }
 
     /// Refuses a turn of a suspended session, or of one over its daily

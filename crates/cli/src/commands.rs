@@ -548,6 +548,7 @@ async fn call_tool(
         workspace: loaded.paths.workspace.clone(),
         cancel: CancellationToken::new(),
         session_id: None,
+        approved: false,
     };
     let result = registry.call(name, args, &ctx).await;
     println!("{}", result.content);

@@ -169,10 +169,6 @@ pub async fn agent(loaded: &Loaded, env: &Env) -> Result<Agent> {
         tracing::warn!(error = %e, "invalid skill skipped");
     }
     let llm = llm(loaded, env).await?;
-    // An allowlist already vets each system.run command: it runs unless
-    // [approvals] says otherwise.
-    let vetted =
-        loaded.config.tools.system_run.mode == openpista_tools::policy::PolicyMode::Allowlist;
     Ok(Agent::with_approvals(
         AgentParts {
             llm,
@@ -182,7 +178,11 @@ pub async fn agent(loaded: &Loaded, env: &Env) -> Result<Agent> {
             workspace: loaded.paths.workspace.clone(),
             skills_context: skills.prompt_context(loaded.config.skills.prompt_budget),
         },
-        Approvals::new(loaded.config.approvals.clone(), vetted),
+        // The allowlist vets system.run commands; one off it asks.
+        Approvals::new(
+            loaded.config.approvals.clone(),
+            Some(loaded.config.tools.system_run.clone()),
+        ),
     ))
 }
 

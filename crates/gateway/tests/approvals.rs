@@ -17,6 +17,7 @@ use openpista_memory::Store;
 use openpista_proto::wire::Decision;
 use openpista_proto::{AgentEvent, ErrorCode, SessionId, ToolOutcome};
 use openpista_tools::builtin_registry;
+use openpista_tools::policy::CommandPolicy;
 
 const TOKEN: &str = "approval test token";
 /// A "did not hang" bound, never a timing assertion.
@@ -48,7 +49,7 @@ impl Setup {
                 skills_context: String::new(),
             },
             // The built-in policy is in allowlist mode: system.run is vetted.
-            Approvals::new(approvals, true),
+            Approvals::new(approvals, Some(CommandPolicy::default())),
         );
         let cfg = GatewayConfig {
             bind: "127.0.0.1:0".into(),
@@ -444,4 +445,50 @@ async fn a_deny_policy_refuses_without_asking() {
     );
     assert_eq!(finished(&all)[0].0, ToolOutcome::Denied, "{all:?}");
     assert_eq!(s.audited("approval_policy_denied").await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_program_off_the_allowlist_asks_and_runs_only_when_approved() {
+    // `printf` is not on the default allowlist; `python3` is an interpreter,
+    // refused by the policy without asking.
+    let script = format!(
+        "{}{}{}{DONE}",
+        run_call("printf approved"),
+        run_call("printf refused"),
+        run_call("python3 -c 1")
+    );
+    let s = Setup::start(&script, ApprovalConfig::default()).await;
+    let client = s.client().await;
+    let mut events = client.send(None, "print").await.unwrap();
+    let mut seen = Vec::new();
+    let mut asked = Vec::new();
+    loop {
+        let ev = next(&mut events).await;
+        match &ev {
+            Event::ApprovalRequired { id, args, .. } => {
+                asked.push(args.clone());
+                let decision = if args.contains("approved") {
+                    Decision::Approve
+                } else {
+                    Decision::Deny
+                };
+                client.approve(id, decision).await.unwrap();
+            }
+            Event::Agent(AgentEvent::Final { .. } | AgentEvent::Error { .. }) => {
+                seen.push(ev);
+                break;
+            }
+            _ => {}
+        }
+        seen.push(ev);
+    }
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    let done = finished(&seen);
+    assert_eq!(done.len(), 3, "{seen:?}");
+    assert_eq!(done[0].0, ToolOutcome::Ok, "{done:?}");
+    assert!(done[0].1.contains("approved"), "{done:?}");
+    assert_eq!(done[1].0, ToolOutcome::Denied, "{done:?}");
+    assert!(done[1].1.contains("denied this system.run"), "{done:?}");
+    assert_eq!(done[2].0, ToolOutcome::Denied, "{done:?}");
+    assert!(done[2].1.contains("\"python3\""), "{done:?}");
 }

@@ -16,6 +16,7 @@ use openpista_memory::Store;
 use openpista_proto::SessionId;
 use openpista_testkit::FakeTelegram;
 use openpista_tools::builtin_registry;
+use openpista_tools::policy::CommandPolicy;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -63,7 +64,7 @@ impl Running {
                 workspace: workspace.clone(),
                 skills_context: String::new(),
             },
-            Approvals::new(ApprovalConfig::default(), true),
+            Approvals::new(ApprovalConfig::default(), Some(CommandPolicy::default())),
         );
         let gateway = Gateway::new(agent, &GatewayConfig::default());
         let cfg = TelegramConfig {

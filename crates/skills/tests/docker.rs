@@ -47,6 +47,7 @@ async fn run(registry: &ToolRegistry, root: &Path, args: serde_json::Value) -> T
         workspace: root.to_path_buf(),
         cancel: CancellationToken::new(),
         session_id: None,
+        approved: false,
     };
     registry.call("skill.run", &args.to_string(), &ctx).await
 }

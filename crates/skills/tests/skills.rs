@@ -37,6 +37,7 @@ async fn call(
         workspace: dir.to_path_buf(),
         cancel: CancellationToken::new(),
         session_id: None,
+        approved: false,
     };
     registry.call(tool, &args.to_string(), &ctx).await
 }

@@ -44,6 +44,7 @@ async fn call(registry: &ToolRegistry, workspace: &Path, args: Value) -> ToolRes
         workspace: workspace.to_path_buf(),
         cancel: CancellationToken::new(),
         session_id: None,
+        approved: false,
     };
     registry.call("skill.run", &args.to_string(), &ctx).await
 }

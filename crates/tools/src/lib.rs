@@ -41,6 +41,11 @@ pub struct ToolContext {
     pub cancel: CancellationToken,
     /// The session the call belongs to, when there is one.
     pub session_id: Option<SessionId>,
+    /// A human approved exactly this call (tool and arguments). `system.run`
+    /// in allowlist mode then also runs a program that is not on the
+    /// allowlist; every other rule still holds (no shell, no wrappers or
+    /// interpreters, no dangerous options, arguments inside the workspace).
+    pub approved: bool,
 }
 
 /// A successful (or at least completed) tool run.

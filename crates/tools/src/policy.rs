@@ -200,6 +200,14 @@ pub enum PolicyViolation {
 }
 
 impl CommandPolicy {
+    /// This policy with `program` added to the allowlist (for a call a
+    /// human approved; wrappers stay refused unless in `allow_wrappers`).
+    pub fn allowing(&self, program: &str) -> CommandPolicy {
+        let mut p = self.clone();
+        p.allowlist.push(program.to_owned());
+        p
+    }
+
     /// Checks `command` and returns the argv to execute.
     ///
     /// - `Deny`: always [`PolicyViolation::DenyMode`].

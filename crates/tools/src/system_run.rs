@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::container::{DockerRunner, container_path};
 use crate::files::confine;
-use crate::policy::{CommandPolicy, PolicyMode, RunSandbox};
+use crate::policy::{CommandPolicy, PolicyMode, PolicyViolation, RunSandbox};
 use crate::{Tool, ToolContext, ToolError, ToolOutput};
 
 /// `PATH` used when the given environment has none.
@@ -139,10 +139,16 @@ impl Tool for SystemRun {
                 reason: e.to_string(),
             })?;
         let cwd = confine(&ctx.workspace, args.cwd.as_deref().unwrap_or("."))?;
-        let argv = self
-            .policy
-            .check_in(&args.command, &cwd.root, &cwd.path)
-            .map_err(|v| ToolError::Denied(v.to_string()))?;
+        let argv = match self.policy.check_in(&args.command, &cwd.root, &cwd.path) {
+            // A human approved this exact call: a program off the allowlist
+            // may run, under every other rule.
+            Err(PolicyViolation::NotAllowed { program, .. }) if ctx.approved => self
+                .policy
+                .allowing(&program)
+                .check_in(&args.command, &cwd.root, &cwd.path),
+            checked => checked,
+        }
+        .map_err(|v| ToolError::Denied(v.to_string()))?;
         if !cwd.path.is_dir() {
             return Err(ToolError::Failed(format!(
                 "cwd {} is not an existing directory",

@@ -20,6 +20,7 @@ pub fn ctx(workspace: &Path) -> ToolContext {
         workspace: workspace.to_path_buf(),
         cancel: CancellationToken::new(),
         session_id: None,
+        approved: false,
     }
 }
 
