@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use openpista_channels::{ExposeSecret, SecretString};
 use openpista_client::{Client, ClientOptions, Trust};
 use openpista_gateway::{
     DaemonOptions, DaemonState, Gateway, GatewayError, MetricsServer, TlsIdentity,
@@ -181,7 +182,8 @@ pub async fn status(loaded: &Loaded, remote: &RemoteArgs) -> Result<ExitCode> {
 pub async fn connect(loaded: &Loaded, remote: &RemoteArgs, addr: SocketAddr) -> Result<Client> {
     let token = match &remote.token {
         Some(t) => Some(t.clone()),
-        None => read_token(loaded)?,
+        // The client SDK sends it in `hello`; it is exposed only here.
+        None => read_token(loaded)?.map(|t| t.expose_secret().to_owned()),
     };
     let trust = Trust::Fingerprint(fingerprint(loaded, remote)?);
     let options = ClientOptions {
@@ -207,7 +209,7 @@ fn fingerprint(loaded: &Loaded, remote: &RemoteArgs) -> Result<String> {
 }
 
 /// The token file's contents, if `init` wrote one.
-fn read_token(loaded: &Loaded) -> Result<Option<String>> {
+fn read_token(loaded: &Loaded) -> Result<Option<SecretString>> {
     let path = &loaded.paths.token_file;
     if !path.exists() {
         return Ok(None);

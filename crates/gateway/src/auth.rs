@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use openpista_channels::{ExposeSecret, SecretString};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -11,8 +12,8 @@ use crate::tls::{check_private, write_private};
 
 /// Reads the token at `path` (trimmed), creating a random 32-byte hex token
 /// (mode 0600) if the file does not exist. A token file readable by other
-/// users is refused.
-pub fn load_or_create_token(path: &Path) -> Result<String, GatewayError> {
+/// users is refused. The token is held as a secret (redacted `Debug`).
+pub fn load_or_create_token(path: &Path) -> Result<SecretString, GatewayError> {
     if path.exists() {
         check_private(path)?;
         let text = std::fs::read_to_string(path).map_err(|source| GatewayError::Io {
@@ -23,7 +24,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, GatewayError> {
         if token.is_empty() {
             return Err(GatewayError::Config(format!("{} is empty", path.display())));
         }
-        return Ok(token);
+        return Ok(SecretString::from(token));
     }
     let bytes: [u8; 32] = rand::rng().random();
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -34,7 +35,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, GatewayError> {
         })?;
     }
     write_private(path, format!("{token}\n").as_bytes())?;
-    Ok(token)
+    Ok(SecretString::from(token))
 }
 
 /// The configured token, kept as a digest so comparisons take the same time
@@ -54,9 +55,10 @@ impl std::fmt::Debug for TokenCheck {
 
 impl TokenCheck {
     /// `None` (or an empty token) means no token is required.
-    pub(crate) fn new(token: Option<&str>) -> Self {
+    pub(crate) fn new(token: Option<&SecretString>) -> Self {
         Self {
             expected: token
+                .map(|t| t.expose_secret())
                 .filter(|t| !t.is_empty())
                 .map(|t| Sha256::digest(t.as_bytes()).into()),
         }
@@ -85,7 +87,7 @@ mod tests {
 
     #[test]
     fn tokens_compare_exactly() {
-        let check = TokenCheck::new(Some("s3cret"));
+        let check = TokenCheck::new(Some(&SecretString::from("s3cret")));
         assert!(check.allows(Some("s3cret")));
         assert!(!check.allows(Some("s3cre")));
         assert!(!check.allows(Some("")));
@@ -93,7 +95,7 @@ mod tests {
         let open = TokenCheck::new(None);
         assert!(!open.required());
         assert!(open.allows(None));
-        assert!(!TokenCheck::new(Some("")).required());
+        assert!(!TokenCheck::new(Some(&SecretString::from(""))).required());
     }
 
     #[test]
@@ -102,8 +104,12 @@ mod tests {
         let path = dir.path().join("token");
         let t1 = load_or_create_token(&path).unwrap();
         let t2 = load_or_create_token(&path).unwrap();
-        assert_eq!(t1, t2);
-        assert_eq!(t1.len(), 64);
+        assert_eq!(t1.expose_secret(), t2.expose_secret());
+        assert_eq!(t1.expose_secret().len(), 64);
+        assert!(
+            !format!("{t1:?}").contains(t1.expose_secret()),
+            "Debug is redacted"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

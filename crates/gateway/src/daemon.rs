@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use openpista_channels::{ChannelAdapter as _, TelegramAdapter};
+use openpista_channels::{ChannelAdapter as _, SecretString, TelegramAdapter};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +47,7 @@ pub struct DaemonOptions {
     /// The server certificate and key.
     pub identity: TlsIdentity,
     /// The shared secret; `None` only on a loopback address.
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
     /// Holds the daemon's pid while it runs.
     pub pid_file: PathBuf,
     /// Holds [`DaemonState`] while it runs.

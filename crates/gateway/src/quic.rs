@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openpista_agent::Origin;
+use openpista_channels::SecretString;
 use openpista_proto::frame::{self, FrameDecoder, FrameError};
 use openpista_proto::wire::{ClientFrame, ServerFrame};
 use openpista_proto::{AgentEvent, ErrorCode, PROTOCOL_VERSION};
@@ -57,10 +58,10 @@ impl QuicServer {
         gateway: Gateway,
         cfg: &GatewayConfig,
         tls: TlsIdentity,
-        token: Option<String>,
+        token: Option<SecretString>,
     ) -> Result<Self, GatewayError> {
         let addr = cfg.validate()?;
-        let token = TokenCheck::new(token.as_deref());
+        let token = TokenCheck::new(token.as_ref());
         if !addr.ip().is_loopback() && !token.required() {
             return Err(GatewayError::TokenRequired(addr));
         }

@@ -515,8 +515,13 @@ async fn a_public_bind_needs_a_token() {
     let tls = TlsIdentity::load_or_generate(h.dir.path()).unwrap();
     let err = QuicServer::bind(h.gateway.clone(), &cfg, tls.clone(), None).unwrap_err();
     assert!(matches!(err, GatewayError::TokenRequired(_)), "{err}");
-    let err =
-        QuicServer::bind(h.gateway.clone(), &cfg, tls.clone(), Some(String::new())).unwrap_err();
+    let err = QuicServer::bind(
+        h.gateway.clone(),
+        &cfg,
+        tls.clone(),
+        Some(String::new().into()),
+    )
+    .unwrap_err();
     assert!(matches!(err, GatewayError::TokenRequired(_)), "{err}");
     let server =
         QuicServer::bind(h.gateway.clone(), &cfg, tls.clone(), Some(TOKEN.into())).unwrap();
