@@ -294,3 +294,85 @@ fn sessions_kill_ends_a_running_sleep_and_suspend_refuses_turns_until_resume() {
     }
     drop(daemon);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_kill_removes_the_container_of_a_running_docker_command() {
+    use openpista_testkit::docker::{
+        TEST_IMAGE, containers_with_label, docker, docker_host, ensure_test_image,
+    };
+    const MANAGED: &str = "openpista.managed";
+    let client = docker().await;
+    ensure_test_image(&client).await;
+    let home = Home::new();
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "[llm]\nprovider = \"scripted\"\n\n[llm.scripted]\nfile = \"replies.toml\"\n\n\
+             [gateway]\nbind = \"127.0.0.1:0\"\ndrain_timeout_secs = 1\n\n\
+             [tools.system_run]\nmode = \"allowlist\"\nallowlist = [\"sleep\"]\n\
+             sandbox = \"docker\"\ntimeout_secs = 300\nmax_timeout_secs = 300\n\n\
+             [sandbox.docker]\nenabled = true\nhost = \"{}\"\nimage = \"{TEST_IMAGE}\"\n\
+             timeout_secs = 300\nmax_timeout_secs = 300\n",
+            docker_host()
+        ),
+    )
+    .expect("config");
+    let before = containers_with_label(&client, MANAGED).await;
+    let h = tokio::task::spawn_blocking(move || {
+        home.ok(&["init"]);
+        let daemon = home.start();
+        let running = home
+            .cmd(&["run", "-e", "nap in a box", "--remote", &daemon.addr])
+            .spawn()
+            .expect("spawn run");
+        let id = wait_for("a running session", || {
+            home.list()
+                .into_iter()
+                .find(|s| s["state"] == "running")
+                .map(|s| s["id"].as_str().expect("id").to_owned())
+        });
+        (home, daemon, running, id)
+    });
+    let (home, daemon, running, id) = h.await.expect("join");
+    // The container of this turn (others' containers may come and go).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let ours = loop {
+        let now: Vec<String> = containers_with_label(&client, MANAGED)
+            .await
+            .into_iter()
+            .filter(|c| !before.contains(c))
+            .collect();
+        if let Some(c) = now.into_iter().next() {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no container started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let (home, out) = tokio::task::spawn_blocking(move || {
+        let out = home.run(&["sessions", "kill", &id]);
+        (home, out)
+    })
+    .await
+    .expect("join");
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.contains("killed its running turn"), "{out:#?}");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while containers_with_label(&client, MANAGED)
+        .await
+        .contains(&ours)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "container {ours} was not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = tokio::task::spawn_blocking(move || wait_output(running))
+        .await
+        .expect("join");
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert!(out.stderr.contains("cancelled"), "{out:#?}");
+    drop(daemon);
+    drop(home);
+}
