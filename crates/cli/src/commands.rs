@@ -276,13 +276,22 @@ fn render(ev: &AgentEvent, out: &mut std::io::Stdout, at_line_start: &mut bool) 
 
 /// Asks on stderr whether `tool` may run with `args` and reads the answer
 /// from stdin: `y` approves, `always` approves it for the session, anything
-/// else denies. With no stdin (closed, EOF), or under CI (`CI` set), the
-/// call is denied without asking.
+/// else denies. Under CI (`CI` set) or when stdin is not a terminal (a
+/// pipe, a file, nothing) nobody is asked and the call is denied; so is it
+/// when the terminal closes (EOF).
 async fn ask_approval(tool: &str, args: &str) -> Decision {
+    use std::io::IsTerminal as _;
     let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"));
-    if ci {
+    let why = if ci {
+        Some("CI is set")
+    } else if !std::io::stdin().is_terminal() {
+        Some("stdin is not a terminal")
+    } else {
+        None
+    };
+    if let Some(why) = why {
         eprintln!(
-            "denied: {tool} needs approval and CI is set, so nobody is asked; \
+            "denied: {tool} needs approval and {why}, so nobody is asked; \
              allow it in the config ([approvals.tools] \"{tool}\" = \"allow\") to run it here"
         );
         return Decision::Deny;
@@ -305,8 +314,8 @@ async fn ask_approval(tool: &str, args: &str) -> Decision {
         },
         _ => {
             eprintln!(
-                "\ndenied: {tool} needs approval and no answer can be read from stdin; \
-                 run interactively, or allow it in the config ([approvals.tools] \"{tool}\" = \"allow\")"
+                "\ndenied: {tool} needs approval and the terminal closed without an answer; \
+                 allow it in the config ([approvals.tools] \"{tool}\" = \"allow\") to run it without asking"
             );
             Decision::Deny
         }

@@ -1,8 +1,9 @@
 //! Black-box: a tool call that needs approval asks on the terminal
 //! (`approve TOOL ARGS? [y/N/always]` on stderr, the answer on stdin) in
-//! `openpista run -e` and `openpista repl`. No stdin, or `CI` set, means
-//! deny. The scripted model makes the calls. The answers are piped (CI is
-//! removed from the child's environment, as on a developer's terminal).
+//! `openpista run -e` and `openpista repl`, typed on a real pseudo-terminal.
+//! No stdin, a stdin that is not a terminal, or `CI` set means deny without
+//! asking. The scripted model makes the calls. CI is removed from the
+//! child's environment (as on a developer's terminal) except where tested.
 
 mod common;
 
@@ -40,28 +41,61 @@ fn run_call(command: &str) -> String {
 
 const DONE: &str = "[[reply]]\ntext = \"Done.\"\n";
 
-/// Runs `openpista ARGS` in `home` with `stdin` (None: no stdin at all).
-fn openpista(home: &Path, args: &[&str], stdin: Option<&str>) -> Out {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_openpista"));
-    cmd.args(args)
-        .env("OPENPISTA_HOME", home)
+/// `openpista ARGS` in `home` (no CI, no inherited secrets or log filter).
+fn command(program: &str, home: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env("OPENPISTA_HOME", home)
         .env_remove("RUST_LOG")
         .env_remove("OPENPISTA_API_KEY")
         .env_remove("OPENAI_API_KEY")
         .env_remove("CI")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn openpista");
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin");
-        pipe.write_all(text.as_bytes()).expect("write stdin");
-        // Dropped: EOF after the answers.
+    cmd
+}
+
+/// Runs `openpista ARGS` in `home`. `typed: Some(text)` runs it on a
+/// terminal (a pseudo-terminal from util-linux `script`) where `text` is
+/// typed, then the terminal is closed (EOF); the output is the terminal's
+/// (stdout and stderr together, in both fields). `None`: no stdin at all.
+fn openpista(home: &Path, args: &[&str], typed: Option<&str>) -> Out {
+    let Some(text) = typed else {
+        let mut cmd = command(env!("CARGO_BIN_EXE_openpista"), home);
+        cmd.args(args).stdin(Stdio::null());
+        return wait_output(cmd.spawn().expect("spawn openpista"));
+    };
+    let line = std::iter::once(env!("CARGO_BIN_EXE_openpista"))
+        .chain(args.iter().copied())
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut cmd = command("script", home);
+    // TERM=dumb: the line editor reads plain lines.
+    cmd.args(["-q", "-e", "-c", &line, "/dev/null"])
+        .env("TERM", "dumb")
+        .stdin(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| {
+        panic!("cannot run `script` (util-linux) for a pseudo-terminal: {e}; install util-linux")
+    });
+    let mut pipe = child.stdin.take().expect("stdin");
+    pipe.write_all(text.as_bytes()).expect("type the answers");
+    drop(pipe);
+    let out = wait_output(child);
+    Out {
+        code: out.code,
+        stderr: out.stdout.clone(),
+        stdout: out.stdout,
     }
+}
+
+/// Runs `openpista ARGS` with `text` piped to its stdin (not a terminal).
+fn piped(home: &Path, args: &[&str], text: &str) -> Out {
+    let mut cmd = command(env!("CARGO_BIN_EXE_openpista"), home);
+    cmd.args(args).stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn openpista");
+    let mut pipe = child.stdin.take().expect("stdin");
+    pipe.write_all(text.as_bytes()).expect("write stdin");
+    drop(pipe);
     wait_output(child)
 }
 
@@ -94,7 +128,8 @@ fn no_stdin_means_deny_with_a_clear_message() {
     let h = home(&format!("{}{DONE}", write_call("b.txt")), "");
     let out = openpista(h.path(), &["run", "-e", "write a file"], None);
     assert!(
-        out.stderr.contains("denied: file.write needs approval"),
+        out.stderr
+            .contains("denied: file.write needs approval and stdin is not a terminal"),
         "{out:#?}"
     );
     assert!(
@@ -132,6 +167,31 @@ fn under_ci_nobody_is_asked_and_the_call_is_denied() {
         "{out:#?}"
     );
     assert!(!workspace(h.path()).join("ci.txt").exists());
+}
+
+#[test]
+fn a_piped_answer_is_not_taken_as_a_human_one() {
+    let h = home(&format!("{}{DONE}", write_call("p.txt")), "");
+    let out = piped(h.path(), &["run", "-e", "write a file"], "y\n");
+    assert_eq!(prompts(&out), 0, "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("denied: file.write needs approval and stdin is not a terminal"),
+        "{out:#?}"
+    );
+    assert!(!workspace(h.path()).join("p.txt").exists());
+}
+
+#[test]
+fn closing_the_terminal_without_an_answer_denies() {
+    let h = home(&format!("{}{DONE}", write_call("q.txt")), "");
+    let out = openpista(h.path(), &["run", "-e", "write a file"], Some(""));
+    assert_eq!(prompts(&out), 1, "{out:#?}");
+    assert!(
+        out.stderr.contains("the terminal closed without an answer"),
+        "{out:#?}"
+    );
+    assert!(!workspace(h.path()).join("q.txt").exists());
 }
 
 #[test]
