@@ -55,9 +55,10 @@ fn command(program: &str, home: &Path) -> Command {
 }
 
 /// Runs `openpista ARGS` in `home`. `typed: Some(text)` runs it on a
-/// terminal (a pseudo-terminal from util-linux `script`) where `text` is
-/// typed, then the terminal is closed (EOF); the output is the terminal's
-/// (stdout and stderr together, in both fields). `None`: no stdin at all.
+/// terminal (a pseudo-terminal from util-linux `script`; Debian package
+/// bsdutils, which is essential) where `text` is typed, then the terminal
+/// is closed (EOF); the output is the terminal's (stdout and stderr
+/// together, in both fields). `None`: no stdin at all.
 fn openpista(home: &Path, args: &[&str], typed: Option<&str>) -> Out {
     let Some(text) = typed else {
         let mut cmd = command(env!("CARGO_BIN_EXE_openpista"), home);
@@ -75,7 +76,10 @@ fn openpista(home: &Path, args: &[&str], typed: Option<&str>) -> Out {
         .env("TERM", "dumb")
         .stdin(Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| {
-        panic!("cannot run `script` (util-linux) for a pseudo-terminal: {e}; install util-linux")
+        panic!(
+            "cannot run `script` (util-linux) for a pseudo-terminal: {e}; \
+             install util-linux (Debian: bsdutils)"
+        )
     });
     let mut pipe = child.stdin.take().expect("stdin");
     pipe.write_all(text.as_bytes()).expect("type the answers");
