@@ -208,3 +208,25 @@ fn a_config_that_does_not_parse_is_a_usage_error() {
     assert_eq!(out.code, Some(2), "{out:#?}");
     assert!(out.stderr.contains("config.toml"), "{out:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reachable_docker_passes() {
+    use openpista_testkit::docker::{docker, docker_host};
+    // Fails with how to start the test dockerd when there is none.
+    let _ = docker().await;
+    let home = Home::new();
+    home.config(&format!(
+        "{GOOD_CONFIG}[sandbox.docker]\nenabled = true\nhost = \"{}\"\n",
+        docker_host()
+    ));
+    let out = tokio::task::spawn_blocking(move || home.run(&["doctor"]))
+        .await
+        .expect("join");
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("docker") && l.contains("answers")),
+        "{out:#?}"
+    );
+}
