@@ -14,7 +14,7 @@ use openpista_client::{Client, Event, EventStream, Trust};
 use openpista_gateway::{Gateway, GatewayConfig, QuicServer, SendRequest, TlsIdentity, TurnEvents};
 use openpista_llm::scripted::{Script, ScriptedProvider};
 use openpista_memory::Store;
-use openpista_proto::wire::Decision;
+use openpista_proto::wire::{Decision, SessionState};
 use openpista_proto::{AgentEvent, ErrorCode, SessionId, ToolOutcome};
 use openpista_tools::builtin_registry;
 use openpista_tools::policy::CommandPolicy;
@@ -164,6 +164,10 @@ async fn a_quic_client_approves_a_write_and_a_replayed_or_forged_id_is_refused_a
         s.gateway.is_waiting_approval(&session),
         "the session shows waiting-approval"
     );
+    let listed = client.sessions(None).await.unwrap();
+    assert_eq!(listed[0].id, session);
+    assert_eq!(listed[0].state, SessionState::WaitingApproval);
+    assert_eq!(listed[0].state.as_str(), "waiting-approval");
     assert!(
         !s.workspace.join("note.txt").exists(),
         "nothing runs before the approval"
@@ -176,6 +180,8 @@ async fn a_quic_client_approves_a_write_and_a_replayed_or_forged_id_is_refused_a
         "hello"
     );
     assert!(!s.gateway.is_waiting_approval(&session));
+    let listed = client.sessions(None).await.unwrap();
+    assert_eq!(listed[0].state, SessionState::Idle);
 
     // The same id again, and an id nobody issued: refused, audited.
     let replay = client.approve(&id, Decision::Approve).await.unwrap_err();
