@@ -494,12 +494,12 @@ mod tests {
         assert_eq!(c.sandbox.docker, DockerConfig::default());
         assert_eq!(c.sandbox.wasm, WasmSandboxConfig::default());
         assert_eq!(c.tools.system_run, CommandPolicy::default());
-        assert_eq!(c.quotas, QuotaConfig::default());
-        assert_eq!(c.agent, AgentConfig::default());
         assert_eq!(
             c.tools.desktop,
             openpista_tools::desktop::DesktopConfig::default()
         );
+        assert_eq!(c.quotas, QuotaConfig::default());
+        assert_eq!(c.agent, AgentConfig::default());
         assert_eq!(c.approvals, openpista_agent::ApprovalConfig::default());
         assert_eq!(
             c.skills.prompt_budget,
