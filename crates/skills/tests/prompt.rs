@@ -42,7 +42,10 @@ fn the_prompt_lists_names_and_descriptions_only() {
     let dir = skills_dir();
     let set = discover(&[dir.path().to_path_buf()]);
     let ctx = set.prompt_context(2_000);
-    assert!(!ctx.contains("SECRET BODY"), "bodies stay out of the prompt");
+    assert!(
+        !ctx.contains("SECRET BODY"),
+        "bodies stay out of the prompt"
+    );
     insta::assert_snapshot!("prompt_full_budget", ctx);
 }
 
