@@ -19,7 +19,7 @@ cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "==> cargo test"
-cargo test --locked --workspace
+cargo test --locked --workspace --no-fail-fast
 echo "==> no container made by the tests is left"
 left="$(curl -sf --unix-socket "$TEST_DOCKER_SOCK" \
     'http://localhost/containers/json?all=1&filters=%7B%22label%22%3A%5B%22openpista.managed%22%5D%7D')"
