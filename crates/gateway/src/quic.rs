@@ -302,6 +302,10 @@ async fn serve_connection(
     let _counted = shared.gateway.connection_opened();
     shared.gateway.metrics().quic_connection_accepted();
 
+    // The approval "user" of this connection's turns: only the connection
+    // that started a turn can answer its approval requests (every client
+    // holds the same token, so the token cannot tell them apart).
+    let peer: Arc<str> = format!("connection-{}", conn.stable_id()).into();
     let streams = Arc::new(Semaphore::new(shared.max_streams));
     let rate = Arc::new(Mutex::new(RateLimit::new(shared.messages_per_minute)));
     let tasks = TaskTracker::new();
@@ -335,9 +339,10 @@ async fn serve_connection(
         };
         let shared = shared.clone();
         let rate = rate.clone();
+        let peer = peer.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            serve_stream(send, recv, &shared, &rate).await;
+            serve_stream(send, recv, &shared, &rate, &peer).await;
         });
     }
     tasks.close();
@@ -349,6 +354,7 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     shared: &Shared,
     rate: &Mutex<RateLimit>,
+    peer: &str,
 ) {
     let request = match tokio::time::timeout(
         REQUEST_TIMEOUT,
@@ -399,7 +405,7 @@ async fn serve_stream(
                 channel: "quic".into(),
                 create_missing: false,
             };
-            match gateway.send(req).await {
+            match gateway.send_from(req, Some(peer.to_owned())).await {
                 Ok(mut events) => {
                     while let Some(ev) = events.recv().await {
                         let frame = match ev {
@@ -448,7 +454,15 @@ async fn serve_stream(
             was_running: gateway.cancel(&session_id),
         }),
         ClientFrame::Approve { id, decision } => gateway
-            .approve(&id, decision, &Origin::channel("quic"), None)
+            .approve(
+                &id,
+                decision,
+                &Origin {
+                    channel: "quic".into(),
+                    user: Some(peer.to_owned()),
+                },
+                None,
+            )
             .await
             .map(|()| ServerFrame::Approved { id })
             .map_err(|e| (e.code(), e.to_string())),

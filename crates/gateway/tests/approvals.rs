@@ -238,6 +238,26 @@ async fn a_denied_write_does_not_run_and_the_model_is_told() {
 }
 
 #[tokio::test]
+async fn only_the_quic_connection_that_started_the_turn_can_answer() {
+    let script = format!("{}{DONE}", write_call("mine.txt", "x"));
+    let s = Setup::start(&script, ApprovalConfig::default()).await;
+    let owner = s.client().await;
+    // Another client with the same token (every client has it).
+    let other = s.client().await;
+    let mut events = owner.send(None, "write").await.unwrap();
+    let (id, _, _) = until_approval(&mut events).await;
+    let err = other.approve(&id, Decision::Approve).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
+    assert!(!s.workspace.join("mine.txt").exists());
+    // The refusal did not spend the id: its owner still answers it.
+    owner.approve(&id, Decision::Approve).await.unwrap();
+    let tail = rest(events).await;
+    assert_eq!(finished(&tail)[0].0, ToolOutcome::Ok, "{tail:?}");
+    assert!(s.workspace.join("mine.txt").exists());
+    assert_eq!(s.audited("approval_refused").await.len(), 1);
+}
+
+#[tokio::test]
 async fn no_answer_before_the_timeout_means_deny_and_a_late_answer_is_refused() {
     let script = format!("{}{DONE}", write_call("late.txt", "x"));
     let cfg = ApprovalConfig {
