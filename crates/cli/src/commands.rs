@@ -177,6 +177,10 @@ async fn turn(
     let mut ok = false;
     let mut stdout = std::io::stdout();
     let mut at_line_start = true;
+    // SIGTERM is handled like Ctrl-C: the turn is cancelled, so a running
+    // tool's process group is killed instead of outliving this command.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     loop {
         tokio::select! {
             ev = events.next() => {
@@ -220,7 +224,12 @@ async fn turn(
                     render(&ev, &mut stdout, &mut at_line_start)?;
                 }
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = async {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            } => {
                 cancel_asked = true;
                 if let Some(id) = &current {
                     backend.cancel(id).await;

@@ -376,3 +376,57 @@ async fn sessions_kill_removes_the_container_of_a_running_docker_command() {
     drop(daemon);
     drop(home);
 }
+
+/// `openpista run -e` stopped by SIGTERM or SIGINT (Ctrl-C) while a tool
+/// runs cancels the turn, so the tool's process group is killed: the tool
+/// does not outlive the command that started it.
+#[test]
+fn a_signalled_run_does_not_leave_its_tool_running() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let home = Home::new();
+        home.ok(&["init"]);
+        let child = home
+            .cmd(&["run", "-e", "sleep please"])
+            .spawn()
+            .expect("spawn openpista run");
+        let pid = child.id();
+        let sleep = wait_for("the tool's sleep to start", || {
+            sleeps_under(pid).first().copied()
+        });
+        // SAFETY: kill with a pid we spawned and a valid signal.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+        let out = wait_output(child);
+        assert_ne!(out.code, Some(0), "signal {signal}: {out:#?}");
+        wait_for("the sleep to be killed", || (!alive(sleep)).then_some(()));
+    }
+}
+
+/// The daemon stopped by SIGTERM while a turn's tool runs: after the drain
+/// deadline the turn is cancelled and the tool's process group killed, and
+/// the daemon exits 0.
+#[test]
+fn a_stopped_daemon_does_not_leave_a_tool_running() {
+    let home = Home::new();
+    home.ok(&["init"]);
+    let mut daemon = home.start();
+    let addr = daemon.addr.clone();
+    let running = home
+        .cmd(&["run", "-e", "take a nap", "--remote", &addr])
+        .spawn()
+        .expect("spawn run");
+    let sleep = wait_for("the sleep process", || {
+        sleeps_under(daemon.child.id()).first().copied()
+    });
+    // SAFETY: kill with a pid we spawned.
+    assert_eq!(
+        unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let status = wait_for("the daemon to exit", || {
+        daemon.child.try_wait().ok().flatten()
+    });
+    assert!(status.success(), "{status:?}");
+    wait_for("the sleep to be killed", || (!alive(sleep)).then_some(()));
+    let out = wait_output(running);
+    assert_ne!(out.code, Some(0), "{out:#?}");
+}
