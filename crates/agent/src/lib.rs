@@ -651,19 +651,15 @@ impl AgentSession {
                     .await;
                 let started_at = chrono::Utc::now();
                 let result = if let Some(reason) = &suspended_for {
-                    openpista_tools::ToolResult {
-                        outcome: ToolOutcome::Denied,
-                        content: format!("error: not run: the session was suspended ({reason})"),
-                        exit_code: None,
-                        duration: std::time::Duration::ZERO,
-                    }
+                    openpista_tools::ToolResult::not_run(
+                        ToolOutcome::Denied,
+                        format!("error: not run: the session was suspended ({reason})"),
+                    )
                 } else if was_cancelled {
-                    openpista_tools::ToolResult {
-                        outcome: ToolOutcome::Cancelled,
-                        content: "error: cancelled".to_owned(),
-                        exit_code: None,
-                        duration: std::time::Duration::ZERO,
-                    }
+                    openpista_tools::ToolResult::not_run(
+                        ToolOutcome::Cancelled,
+                        "error: cancelled".to_owned(),
+                    )
                 } else if let Err(exceeded) =
                     self.quota.take_tool_call(&sh.config.quotas, Instant::now())
                 {
@@ -672,16 +668,14 @@ impl AgentSession {
                         serde_json::json!({ "tool": call.name, "message": exceeded.to_string() }),
                     )
                     .await?;
-                    openpista_tools::ToolResult {
-                        outcome: ToolOutcome::Denied,
-                        content: format!("error: not run: {exceeded}"),
-                        exit_code: None,
-                        duration: std::time::Duration::ZERO,
-                    }
+                    openpista_tools::ToolResult::not_run(
+                        ToolOutcome::Denied,
+                        format!("error: not run: {exceeded}"),
+                    )
                 } else if call.name.trim().is_empty() {
-                    openpista_tools::ToolResult {
-                        outcome: ToolOutcome::Error,
-                        content: format!(
+                    openpista_tools::ToolResult::not_run(
+                        ToolOutcome::Error,
+                        format!(
                             "error: the tool call was malformed or cut off (no tool name could be read); \
                              send one complete call. Available tools: {}",
                             tool_defs
@@ -690,9 +684,7 @@ impl AgentSession {
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         ),
-                        exit_code: None,
-                        duration: std::time::Duration::ZERO,
-                    }
+                    )
                 } else {
                     match self
                         .gate(&call.name, &call.arguments, events, cancel)
@@ -748,11 +740,13 @@ impl AgentSession {
                     outcome: result.outcome,
                     created_at: started_at,
                 });
-                batch.push(ChatMessage::tool_result(
-                    &call.id,
-                    &call.name,
-                    result.content,
-                ));
+                let mut message = ChatMessage::tool_result(&call.id, &call.name, result.content);
+                message.images = result
+                    .images
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect();
+                batch.push(message);
             }
             let ids = sh
                 .store
@@ -808,12 +802,7 @@ impl AgentSession {
         cancel: &CancellationToken,
     ) -> Result<Gate, AgentError> {
         let sh = &self.shared;
-        let refused = |outcome: ToolOutcome, content: String| openpista_tools::ToolResult {
-            outcome,
-            content,
-            exit_code: None,
-            duration: std::time::Duration::ZERO,
-        };
+        let refused = openpista_tools::ToolResult::not_run;
         let digest = approval::call_digest(tool, args);
         match sh.approvals.policy_for(tool, args) {
             ApprovalPolicy::Allow => return Ok(Gate::Run { approved: false }),

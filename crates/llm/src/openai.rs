@@ -63,6 +63,11 @@ pub struct OpenAiConfig {
     pub request_timeout_secs: u64,
     /// The model's context window in tokens, when known.
     pub context_window: Option<usize>,
+    /// The model accepts images: a tool message that carries images (e.g. a
+    /// screen capture) is followed by a user message with one `image_url`
+    /// part per image (a PNG as a `data:` URL; files over 5 MB are skipped
+    /// with a note). Off: only the tool's text goes out.
+    pub images: bool,
 }
 
 impl Default for OpenAiConfig {
@@ -76,6 +81,7 @@ impl Default for OpenAiConfig {
             max_backoff_ms: 30_000,
             request_timeout_secs: 120,
             context_window: None,
+            images: false,
         }
     }
 }
@@ -96,6 +102,7 @@ impl PartialEq for OpenAiConfig {
             && self.max_backoff_ms == other.max_backoff_ms
             && self.request_timeout_secs == other.request_timeout_secs
             && self.context_window == other.context_window
+            && self.images == other.images
     }
 }
 
@@ -112,6 +119,7 @@ impl fmt::Debug for OpenAiConfig {
             .field("max_backoff_ms", &self.max_backoff_ms)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("context_window", &self.context_window)
+            .field("images", &self.images)
             .finish()
     }
 }
@@ -125,6 +133,7 @@ pub struct OpenAiProvider {
     retry: RetryPolicy,
     request_timeout: Duration,
     context_window: Option<usize>,
+    images: bool,
 }
 
 impl fmt::Debug for OpenAiProvider {
@@ -209,6 +218,7 @@ impl OpenAiProvider {
             },
             request_timeout,
             context_window: cfg.context_window,
+            images: cfg.images,
         })
     }
 
@@ -299,7 +309,7 @@ impl OpenAiProvider {
 #[async_trait]
 impl LlmProvider for OpenAiProvider {
     async fn stream(&self, request: ChatRequest) -> Result<LlmStream, LlmError> {
-        let body = build_request(&self.model, &request);
+        let body = build_request(&self.model, &request, self.images);
         let opened = self.open(body).await?;
         Ok(events(opened))
     }

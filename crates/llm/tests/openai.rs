@@ -22,6 +22,7 @@ fn config(base_url: String) -> OpenAiConfig {
         max_backoff_ms: 5,
         request_timeout_secs: 5,
         context_window: None,
+        images: false,
     }
 }
 

@@ -101,7 +101,7 @@ impl Store {
     ) -> Result<Vec<StoredMessage>, MemoryError> {
         let rows = sqlx::query(
             "SELECT * FROM (
-                 SELECT id, role, content, tool_calls, tool_call_id, tool_name,
+                 SELECT id, role, content, tool_calls, tool_call_id, tool_name, images,
                         prompt_tokens, completion_tokens, created_at
                  FROM messages
                  WHERE session_id = ?
@@ -162,8 +162,9 @@ async fn insert_messages(
     for row in rows {
         let done = sqlx::query(
             "INSERT INTO messages (session_id, role, content, tool_calls, tool_call_id,
-                                   tool_name, prompt_tokens, completion_tokens, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                   tool_name, images, prompt_tokens, completion_tokens,
+                                   created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(session_id.as_str())
         .bind(row.role)
@@ -171,6 +172,7 @@ async fn insert_messages(
         .bind(row.tool_calls.as_deref())
         .bind(row.tool_call_id.as_deref())
         .bind(row.tool_name.as_deref())
+        .bind(row.images.as_deref())
         .bind(row.prompt_tokens)
         .bind(row.completion_tokens)
         .bind(now)
@@ -190,6 +192,8 @@ struct EncodedMessage {
     tool_calls: Option<String>,
     tool_call_id: Option<String>,
     tool_name: Option<String>,
+    /// JSON array of image paths, `None` when there are none.
+    images: Option<String>,
     prompt_tokens: Option<i64>,
     completion_tokens: Option<i64>,
 }
@@ -207,6 +211,16 @@ impl EncodedMessage {
             })?;
             Some(json)
         };
+        let images = if message.images.is_empty() {
+            None
+        } else {
+            let json =
+                serde_json::to_string(&message.images).map_err(|source| MemoryError::Encode {
+                    what: "images",
+                    source,
+                })?;
+            Some(json)
+        };
         let (prompt_tokens, completion_tokens) = match usage {
             Some(u) => (
                 Some(to_i64("prompt_tokens", u.prompt_tokens)?),
@@ -220,6 +234,7 @@ impl EncodedMessage {
             tool_calls,
             tool_call_id: message.tool_call_id.clone(),
             tool_name: message.name.clone(),
+            images,
             prompt_tokens,
             completion_tokens,
         })
@@ -243,6 +258,12 @@ fn decode_message(row: &SqliteRow) -> Result<StoredMessage, MemoryError> {
             )
         })?,
     };
+    let images_raw: Option<String> = col(row, "images", T, &id)?;
+    let images = match images_raw {
+        None => Vec::new(),
+        Some(text) => serde_json::from_str::<Vec<String>>(&text)
+            .map_err(|e| corrupt(T, id, format!("images is not a list of paths: {e}")))?,
+    };
     let prompt: Option<i64> = col(row, "prompt_tokens", T, &id)?;
     let completion: Option<i64> = col(row, "completion_tokens", T, &id)?;
     let usage = match (prompt, completion) {
@@ -261,6 +282,7 @@ fn decode_message(row: &SqliteRow) -> Result<StoredMessage, MemoryError> {
             tool_calls,
             tool_call_id: col(row, "tool_call_id", T, &id)?,
             name: col(row, "tool_name", T, &id)?,
+            images,
         },
         usage,
         created_at: from_millis(created_at, T, &id)?,

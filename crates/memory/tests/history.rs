@@ -35,6 +35,38 @@ async fn raw(path: &Path) -> SqliteConnection {
 }
 
 #[tokio::test]
+async fn a_tool_message_keeps_its_image_paths() {
+    let (dir, store) = file_store().await;
+    let id = sid("cli:images");
+    store.create_session(&id, "cli", None).await.unwrap();
+    let mut capture = ChatMessage::tool_result("c1", "screen.capture", "saved a 640x480 PNG");
+    capture.images = vec!["/ws/shot one.png".into(), "/ws/shot-2.png".into()];
+    let plain = ChatMessage::tool_result("c2", "shell", "ok");
+    store
+        .append_messages_with_usage(&id, &[(&capture, None), (&plain, None)])
+        .await
+        .unwrap();
+
+    let stored = store.recent_messages(&id, 10).await.unwrap();
+    assert_eq!(stored[0].message, capture);
+    assert_eq!(stored[1].message.images, Vec::<String>::new());
+
+    // A message without images stores NULL; a corrupt column is an error.
+    let mut conn = raw(&dir.path().join("nested/dir/memory.db")).await;
+    let nulls: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE images IS NULL")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(nulls, 1);
+    sqlx::query("UPDATE messages SET images = 'not json' WHERE tool_call_id = 'c1'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let err = store.recent_messages(&id, 10).await.unwrap_err();
+    assert!(err.to_string().contains("images"), "{err}");
+}
+
+#[tokio::test]
 async fn a_turn_round_trips_with_tool_calls_and_usage() {
     let (_dir, store) = file_store().await;
     assert!(store.path().ends_with("nested/dir/memory.db"));

@@ -163,6 +163,11 @@ pub struct ChatMessage {
     /// For `Role::Tool`: the tool's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// For `Role::Tool`: absolute paths of images the tool produced (e.g. a
+    /// screen capture). Only paths: the bytes are read by a provider that
+    /// sends images, and never pasted into `content`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
 }
 
 impl ChatMessage {
@@ -200,6 +205,7 @@ impl ChatMessage {
             tool_calls: Vec::new(),
             tool_call_id: None,
             name: None,
+            images: Vec::new(),
         }
     }
 }

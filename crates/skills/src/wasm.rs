@@ -140,6 +140,7 @@ pub(crate) async fn run_skill(
         } else {
             ToolOutcome::Error
         },
+        images: Vec::new(),
     })
 }
 

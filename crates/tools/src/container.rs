@@ -129,6 +129,7 @@ impl DockerRunner {
             } else {
                 ToolOutcome::Error
             },
+            images: Vec::new(),
         })
     }
 

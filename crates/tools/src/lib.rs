@@ -58,6 +58,10 @@ pub struct ToolOutput {
     /// How it ended. `Ok` unless the tool ran and reported failure
     /// (e.g. a non-zero exit), which is `Error`.
     pub outcome: ToolOutcome,
+    /// Absolute paths of images the tool produced (e.g. a screen capture).
+    /// Their bytes never go into `content`; a provider that accepts images
+    /// may send them as image parts.
+    pub images: Vec<PathBuf>,
 }
 
 impl ToolOutput {
@@ -66,7 +70,14 @@ impl ToolOutput {
             content: content.into(),
             exit_code: None,
             outcome: ToolOutcome::Ok,
+            images: Vec::new(),
         }
+    }
+
+    /// This output, with `images` attached.
+    pub fn with_images(mut self, images: Vec<PathBuf>) -> Self {
+        self.images = images;
+        self
     }
 }
 
@@ -144,6 +155,21 @@ pub struct ToolResult {
     pub content: String,
     pub exit_code: Option<i32>,
     pub duration: Duration,
+    /// Absolute paths of images the tool produced (see [`ToolOutput::images`]).
+    pub images: Vec<PathBuf>,
+}
+
+impl ToolResult {
+    /// A result that never ran a tool (refused, cancelled, malformed call).
+    pub fn not_run(outcome: ToolOutcome, content: impl Into<String>) -> Self {
+        Self {
+            outcome,
+            content: content.into(),
+            exit_code: None,
+            duration: Duration::ZERO,
+            images: Vec::new(),
+        }
+    }
 }
 
 /// Compiles an argument schema into a validator. A schema that does not name
@@ -275,6 +301,7 @@ impl ToolRegistry {
                             content: format!("error: unknown tool {name:?}"),
                             exit_code: None,
                             duration: started.elapsed(),
+                            images: Vec::new(),
                         };
                     }
                 };
@@ -293,12 +320,14 @@ impl ToolRegistry {
                 content: out.content,
                 exit_code: out.exit_code,
                 duration,
+                images: out.images,
             },
             Err(e) => ToolResult {
                 outcome: e.outcome(),
                 content: format!("error: {e}"),
                 exit_code: None,
                 duration,
+                images: Vec::new(),
             },
         }
     }

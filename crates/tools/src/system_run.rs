@@ -267,6 +267,7 @@ pub async fn run_to_output(
         } else {
             ToolOutcome::Error
         },
+        images: Vec::new(),
     })
 }
 

@@ -2,6 +2,7 @@
 //! chat-completions request, and streamed chunks as [`LlmEvent`]s.
 
 use std::collections::VecDeque;
+use std::path::Path;
 
 use async_openai::error::OpenAIError;
 use async_openai::types::chat::{
@@ -15,6 +16,12 @@ use async_openai::types::chat::{
     ChatCompletionTools, CreateChatCompletionRequest, CreateChatCompletionStreamResponse,
     FinishReason as WireFinish, FunctionCall, FunctionObject, ToolChoiceOptions,
 };
+use async_openai::types::chat::{
+    ChatCompletionRequestMessageContentPartImage, ChatCompletionRequestMessageContentPartText,
+    ChatCompletionRequestUserMessageContentPart, ImageUrl,
+};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use futures::StreamExt;
 use openpista_proto::{ChatMessage, Role, Usage};
 
@@ -28,8 +35,20 @@ const MAX_TOOL_CALLS: usize = 256;
 /// The request body for `request`.
 // `seed` is deprecated by OpenAI but still honoured by vLLM, llama.cpp and others.
 #[allow(deprecated)]
-pub(super) fn build_request(model: &str, request: &ChatRequest) -> CreateChatCompletionRequest {
-    let messages = request.messages.iter().map(wire_message).collect();
+pub(super) fn build_request(
+    model: &str,
+    request: &ChatRequest,
+    images: bool,
+) -> CreateChatCompletionRequest {
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for m in &request.messages {
+        messages.push(wire_message(m));
+        // OpenAI tool messages hold text only, so the images a tool produced
+        // follow as a user message of image parts.
+        if images && m.role == Role::Tool && !m.images.is_empty() {
+            messages.push(image_message(&m.images));
+        }
+    }
     let (tools, tool_choice) = if request.tools.is_empty() {
         // OpenAI rejects `tool_choice` without `tools`.
         (None, None)
@@ -121,6 +140,63 @@ fn wire_message(m: &ChatMessage) -> ChatCompletionRequestMessage {
             content: ChatCompletionRequestToolMessageContent::Text(m.content.clone()),
             tool_call_id: m.tool_call_id.clone().unwrap_or_default(),
         }),
+    }
+}
+
+/// Largest image file sent as an image part, in bytes.
+const MAX_IMAGE_BYTES: u64 = 5 * 1024 * 1024;
+
+/// A user message with one `image_url` part per image (a `data:` URL), and a
+/// text note in place of an image that is missing, unreadable or too large.
+fn image_message(paths: &[String]) -> ChatCompletionRequestMessage {
+    let mut parts = vec![text_part("Image produced by the call above:".to_owned())];
+    for path in paths {
+        match read_image(Path::new(path)) {
+            Ok(bytes) => parts.push(ChatCompletionRequestUserMessageContentPart::ImageUrl(
+                ChatCompletionRequestMessageContentPartImage {
+                    image_url: ImageUrl {
+                        url: format!("data:{};base64,{}", mime_of(path), BASE64.encode(bytes)),
+                        detail: None,
+                    },
+                    prompt_cache_breakpoint: None,
+                },
+            )),
+            Err(reason) => parts.push(text_part(format!("(image {path} not sent: {reason})"))),
+        }
+    }
+    ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
+        content: ChatCompletionRequestUserMessageContent::Array(parts),
+        name: None,
+    })
+}
+
+fn text_part(text: String) -> ChatCompletionRequestUserMessageContentPart {
+    ChatCompletionRequestUserMessageContentPart::Text(ChatCompletionRequestMessageContentPartText {
+        text,
+        prompt_cache_breakpoint: None,
+    })
+}
+
+/// The image's bytes, or why they are not sent.
+fn read_image(path: &Path) -> Result<Vec<u8>, String> {
+    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if len > MAX_IMAGE_BYTES {
+        return Err(format!("{len} bytes, more than the {MAX_IMAGE_BYTES} sent"));
+    }
+    std::fs::read(path).map_err(|e| e.to_string())
+}
+
+/// The media type for a `data:` URL, from the file name.
+fn mime_of(path: &str) -> &'static str {
+    let lower = path.to_ascii_lowercase();
+    if lower.ends_with(".jpg") || lower.ends_with(".jpeg") {
+        "image/jpeg"
+    } else if lower.ends_with(".gif") {
+        "image/gif"
+    } else if lower.ends_with(".webp") {
+        "image/webp"
+    } else {
+        "image/png"
     }
 }
 
@@ -318,7 +394,7 @@ mod tests {
             tool_choice: ToolChoice::Required,
             ..Default::default()
         };
-        let wire = serde_json::to_value(build_request("m", &request)).unwrap();
+        let wire = serde_json::to_value(build_request("m", &request, false)).unwrap();
         let roles: Vec<_> = wire["messages"]
             .as_array()
             .unwrap()
@@ -347,7 +423,7 @@ mod tests {
             tool_choice: ToolChoice::Required,
             ..Default::default()
         };
-        let wire = serde_json::to_value(build_request("m", &request)).unwrap();
+        let wire = serde_json::to_value(build_request("m", &request, false)).unwrap();
         assert!(wire.get("tools").is_none());
         assert!(wire.get("tool_choice").is_none());
     }

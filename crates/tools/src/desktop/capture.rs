@@ -129,7 +129,8 @@ impl Tool for ScreenCapture {
                 png.len(),
                 target.display(),
                 shot.description
-            )))
+            ))
+            .with_images(vec![target.path]))
         })
         .await
     }
