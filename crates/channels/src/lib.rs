@@ -1,5 +1,5 @@
 //! Channel adapters: where messages come from and replies go back to
-//! (Telegram for now). Channels never depend on the agent or the gateway: an
+//! (Telegram, and the terminal: [`cli`]). Channels never depend on the agent or the gateway: an
 //! adapter turns a platform's updates into [`Inbound`] messages, hands them to
 //! an [`InboundHandler`] (the gateway bridge, in `openpista-gateway`), and
 //! sends the handler's answer back to the conversation the message came from,
@@ -10,9 +10,11 @@
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
+pub mod cli;
 pub mod telegram;
 pub mod text;
 
+pub use cli::{CliAdapter, CliReplier, StdioAdapter};
 /// The redacting secret type the token is held in.
 pub use secrecy::{ExposeSecret, SecretString};
 pub use telegram::{TelegramAdapter, TelegramConfig, TelegramReplier};

@@ -22,7 +22,7 @@ pub async fn dispatch(command: Command, loaded: Loaded, env: Env) -> Result<Exit
         Command::Init { force } => init(&loaded, force),
         Command::Run(args) => run(&loaded, &env, args).await,
         Command::Repl { session, remote } => repl(&loaded, &env, session, &remote).await,
-        Command::Start => daemon::start(&loaded, &env).await,
+        Command::Start { stdin } => daemon::start(&loaded, &env, stdin).await,
         Command::Status { remote } => daemon::status(&loaded, &remote).await,
         Command::Models { json } => models(&loaded, json),
         Command::Sessions(cmd) => sessions(&loaded, cmd).await,

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use openpista_channels::{ExposeSecret, SecretString};
+use openpista_channels::{ExposeSecret, SecretString, StdioAdapter};
 use openpista_client::{Client, ClientOptions, Trust};
 use openpista_gateway::{
     DaemonOptions, DaemonState, Gateway, GatewayError, MetricsServer, TlsIdentity,
@@ -26,8 +26,10 @@ use crate::config::{Env, Loaded};
 use crate::wiring;
 
 /// `openpista start`: runs the gateway until SIGTERM or Ctrl-C, then drains
-/// running turns (up to `gateway.drain_timeout_secs`) and exits 0.
-pub async fn start(loaded: &Loaded, env: &Env) -> Result<ExitCode> {
+/// running turns (up to `gateway.drain_timeout_secs`) and exits 0. With
+/// `stdin`, the terminal is a channel too (`cli`), and `/quit` or the end of
+/// input stops the daemon the same way.
+pub async fn start(loaded: &Loaded, env: &Env, stdin: bool) -> Result<ExitCode> {
     let p = &loaded.paths;
     let cfg = loaded.config.gateway.clone();
     // Fail fast, before loading a model.
@@ -113,6 +115,7 @@ pub async fn start(loaded: &Loaded, env: &Env) -> Result<ExitCode> {
         shutdown,
         cron: true,
         telegram,
+        stdin: stdin.then(|| StdioAdapter::stdio("local")),
     };
     let state_file = p.state_file.clone();
     let exit = run_daemon(opts, |state| {

@@ -56,7 +56,12 @@ pub enum Command {
         remote: RemoteArgs,
     },
     /// Run the gateway daemon in the foreground until SIGTERM or Ctrl-C.
-    Start,
+    Start {
+        /// Also chat on stdin/stdout as the `cli` channel; `/quit` or the
+        /// end of input stops the daemon.
+        #[arg(long)]
+        stdin: bool,
+    },
     /// Ask the running daemon how it is doing.
     Status {
         #[command(flatten)]

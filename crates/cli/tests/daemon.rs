@@ -499,3 +499,53 @@ fn metrics_are_served_on_loopback_when_configured() {
     assert_ne!(out.code, Some(0), "{out:#?}");
     assert!(out.stderr.contains("loopback"), "{out:#?}");
 }
+
+#[test]
+fn start_with_stdin_answers_lines_on_stdout_and_quit_stops_the_daemon() {
+    let home = Home::new(
+        "[[reply]]\ntext = \"pong from the terminal\"\n",
+        "127.0.0.1:0",
+    );
+    let mut child = home
+        .cmd(&["start", "--stdin"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn start --stdin");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let lines = line_reader(child.stdout.take().expect("stdout"));
+    let stderr = line_reader(child.stderr.take().expect("stderr"));
+    let mut daemon = Daemon {
+        child,
+        lines,
+        stderr,
+        addr: String::new(),
+        fingerprint: String::new(),
+        metrics: String::new(),
+    };
+    use std::io::Write as _;
+    writeln!(stdin, "ping").expect("write a line");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match daemon.lines.recv_timeout(left) {
+            Ok(line) if line == "pong from the terminal" => break,
+            Ok(_) => {}
+            Err(e) => panic!("no reply on stdout ({e}): {}", daemon.kill_output()),
+        }
+    }
+    // `/quit` stops reading (the next line is never read) and stops the
+    // daemon, though stdin stays open.
+    writeln!(stdin, "/quit").expect("write /quit");
+    let _ = writeln!(stdin, "never read");
+    let (status, out, err) = daemon.wait();
+    assert!(status.success(), "{status:?}\nstdout: {out}\nstderr: {err}");
+    assert!(out.contains("stopped"), "{out}");
+    drop(stdin);
+    let messages = home.messages("cli-cli");
+    let users: Vec<_> = messages
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].clone())
+        .collect();
+    assert_eq!(users, vec![Value::from("ping")], "{messages:#?}");
+}

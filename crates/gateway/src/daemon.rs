@@ -4,7 +4,8 @@
 //! [`run_daemon`] takes the PID file (refusing if a live daemon holds it,
 //! recovering a stale one), binds the server, writes [`DaemonState`] (the
 //! bound address and certificate fingerprint), starts the cron scheduler and
-//! the Telegram adapter (when given; cron answers for `telegram:` targets go
+//! the Telegram and terminal adapters (when given; `/quit` on the terminal
+//! stops the daemon; cron answers for `telegram:` targets go
 //! out through its reply handle) and waits for its shutdown token. The
 //! adapter stops polling at once; the scheduler stops first (its running
 //! jobs share the drain deadline). Then it lets running turns finish for the drain deadline, cancels
@@ -22,7 +23,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use openpista_channels::{ChannelAdapter as _, SecretString, TelegramAdapter};
+use openpista_channels::{ChannelAdapter as _, SecretString, StdioAdapter, TelegramAdapter};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +61,10 @@ pub struct DaemonOptions {
     pub cron: bool,
     /// Run this Telegram adapter into the gateway.
     pub telegram: Option<TelegramAdapter>,
+    /// Run this terminal adapter into the gateway (`start --stdin`); when
+    /// it stops (`/quit` or the end of input, once the lines read are
+    /// answered) the daemon stops too, as if `shutdown` fired.
+    pub stdin: Option<StdioAdapter>,
 }
 
 impl std::fmt::Debug for DaemonOptions {
@@ -71,6 +76,7 @@ impl std::fmt::Debug for DaemonOptions {
             .field("state_file", &self.state_file)
             .field("drain_deadline", &self.drain_deadline)
             .field("telegram", &self.telegram.is_some())
+            .field("stdin", &self.stdin.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -168,6 +174,7 @@ pub async fn run_daemon(
         shutdown,
         cron,
         telegram,
+        stdin,
     } = opts;
     let pid = PidFile::acquire(&pid_file)?;
     let server = QuicServer::bind(gateway.clone(), &config, identity, token)?;
@@ -189,6 +196,17 @@ pub async fn run_daemon(
             if let Err(e) = adapter.run(bridge, stop).await {
                 tracing::error!(error = %e, "the Telegram adapter stopped");
             }
+        })
+    });
+    let stdin_task = stdin.map(|adapter| {
+        let bridge = std::sync::Arc::new(GatewayBridge::new(gateway.clone()));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = adapter.run(bridge, stop.child_token()).await {
+                tracing::error!(error = %e, "the terminal adapter stopped");
+            }
+            // `/quit` or the end of input stops the daemon.
+            stop.cancel();
         })
     });
     let scheduler = cron.then(|| {
@@ -215,6 +233,11 @@ pub async fn run_daemon(
         && tokio::time::timeout(CLOSE_GRACE, task).await.is_err()
     {
         tracing::warn!("the Telegram adapter was still sending replies at shutdown");
+    }
+    if let Some(task) = stdin_task
+        && tokio::time::timeout(CLOSE_GRACE, task).await.is_err()
+    {
+        tracing::warn!("the terminal adapter was still writing replies at shutdown");
     }
     if !drained {
         tracing::warn!("some turns did not finish storing in time");
