@@ -155,7 +155,7 @@ impl Tool for SkillRead {
     }
 
     async fn call(&self, args: Value, _ctx: &ToolContext) -> Result<ToolOutput, ToolError> {
-        let args: ReadArgs = serde_json::from_value(args).map_err(|e| invalid("skill.read", e))?;
+        let args: ReadArgs = openpista_tools::parse_args("skill.read", args)?;
         let set = self.catalog.current();
         let skill = find(&set, "skill.read", &args.name)?;
         let meta = &skill.meta;
@@ -263,7 +263,7 @@ impl Tool for SkillRun {
     }
 
     async fn call(&self, args: Value, ctx: &ToolContext) -> Result<ToolOutput, ToolError> {
-        let args: RunArgs = serde_json::from_value(args).map_err(|e| invalid("skill.run", e))?;
+        let args: RunArgs = openpista_tools::parse_args("skill.run", args)?;
         let set = self.catalog.current();
         let skill = find(&set, "skill.run", &args.name)?;
         let name = &skill.meta.name;

@@ -224,11 +224,7 @@ impl Tool for ContainerRun {
         args: serde_json::Value,
         ctx: &ToolContext,
     ) -> Result<ToolOutput, ToolError> {
-        let args: RunArgs =
-            serde_json::from_value(args).map_err(|e| ToolError::InvalidArguments {
-                tool: "container.run".to_owned(),
-                reason: e.to_string(),
-            })?;
+        let args: RunArgs = crate::parse_args("container.run", args)?;
         if args.argv.first().is_none_or(|p| p.is_empty()) {
             return Err(ToolError::InvalidArguments {
                 tool: "container.run".to_owned(),

@@ -156,16 +156,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ToolError::Failed(format!("file task failed: {e}")))?
 }
 
-fn parse<T: serde::de::DeserializeOwned>(
-    tool: &str,
-    args: serde_json::Value,
-) -> Result<T, ToolError> {
-    serde_json::from_value(args).map_err(|e| ToolError::InvalidArguments {
-        tool: tool.to_owned(),
-        reason: e.to_string(),
-    })
-}
-
 /// `file.read`: reads a text file of the workspace, in byte windows.
 #[derive(Debug, Clone, Default)]
 pub struct FileRead {
@@ -215,7 +205,7 @@ impl Tool for FileRead {
         args: serde_json::Value,
         ctx: &ToolContext,
     ) -> Result<ToolOutput, ToolError> {
-        let args: ReadArgs = parse("file.read", args)?;
+        let args: ReadArgs = crate::parse_args("file.read", args)?;
         let target = confine(&ctx.workspace, &args.path)?;
         let max = self.limits.max_read_bytes;
         blocking(move || read_window(&target, args.offset, args.limit.unwrap_or(max).min(max)))
@@ -311,7 +301,7 @@ impl Tool for FileWrite {
         args: serde_json::Value,
         ctx: &ToolContext,
     ) -> Result<ToolOutput, ToolError> {
-        let args: WriteArgs = parse("file.write", args)?;
+        let args: WriteArgs = crate::parse_args("file.write", args)?;
         let len = args.content.len() as u64;
         if len > self.limits.max_write_bytes {
             return Err(ToolError::InvalidArguments {
@@ -416,7 +406,7 @@ impl Tool for FileList {
         args: serde_json::Value,
         ctx: &ToolContext,
     ) -> Result<ToolOutput, ToolError> {
-        let args: ListArgs = parse("file.list", args)?;
+        let args: ListArgs = crate::parse_args("file.list", args)?;
         let target = confine(&ctx.workspace, &args.path)?;
         let max = self.limits.max_list_entries;
         blocking(move || list_dir(&target, args.recursive, max)).await

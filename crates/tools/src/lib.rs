@@ -172,6 +172,18 @@ impl ToolResult {
     }
 }
 
+/// Deserializes a tool's (already schema-checked) arguments into `T`; a
+/// mismatch is [`ToolError::InvalidArguments`] naming `tool`.
+pub fn parse_args<T: serde::de::DeserializeOwned>(
+    tool: &str,
+    args: serde_json::Value,
+) -> Result<T, ToolError> {
+    serde_json::from_value(args).map_err(|e| ToolError::InvalidArguments {
+        tool: tool.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
 /// Compiles an argument schema into a validator. A schema that does not name
 /// its dialect with `$schema` is read as JSON Schema draft 7, which has every
 /// keyword tool arguments use: checking a schema against the 2020-12

@@ -133,11 +133,7 @@ impl Tool for SystemRun {
         args: serde_json::Value,
         ctx: &ToolContext,
     ) -> Result<ToolOutput, ToolError> {
-        let args: RunArgs =
-            serde_json::from_value(args).map_err(|e| ToolError::InvalidArguments {
-                tool: "system.run".to_owned(),
-                reason: e.to_string(),
-            })?;
+        let args: RunArgs = crate::parse_args("system.run", args)?;
         let cwd = confine(&ctx.workspace, args.cwd.as_deref().unwrap_or("."))?;
         let argv = match self.policy.check_in(&args.command, &cwd.root, &cwd.path) {
             // A human approved this exact call: a program off the allowlist

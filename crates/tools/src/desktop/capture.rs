@@ -98,10 +98,7 @@ impl Tool for ScreenCapture {
         args: serde_json::Value,
         ctx: &ToolContext,
     ) -> Result<ToolOutput, ToolError> {
-        let args: Args = serde_json::from_value(args).map_err(|e| ToolError::InvalidArguments {
-            tool: NAME.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let args: Args = crate::parse_args(NAME, args)?;
         let display = self.env.x11_display()?.to_owned();
         let path = args.path.clone().unwrap_or_else(|| {
             let ms = SystemTime::now()
