@@ -206,12 +206,7 @@ impl EncodedAudit {
         .execute(&mut *conn)
         .await
         .map_err(|e| ctx.sql(e))?;
-        sqlx::query("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")
-            .bind(seq)
-            .bind(&hash)
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| ctx.sql(e))?;
+        // The trigger `audit_head_follows` (migration 8) moved the head.
         Ok(seq)
     }
 }

@@ -68,6 +68,15 @@ pub enum MemoryError {
     #[error("session {0} does not exist")]
     SessionNotFound(SessionId),
 
+    /// The session is suspended, so the append that starts a turn
+    /// ([`Store::append_turn_unless_suspended`](crate::Store::append_turn_unless_suspended))
+    /// stored nothing.
+    ///
+    /// Cause: an operator or a quota suspended it. Retrying helps only after
+    /// `openpista sessions resume`.
+    #[error("session {session} is suspended ({reason})")]
+    SessionSuspended { session: SessionId, reason: String },
+
     /// `create_session` was asked for an id that is already taken.
     ///
     /// Cause: a duplicate id. Retrying does not help; use `ensure_session` to

@@ -27,7 +27,7 @@ pub use audit::{AuditEntry, AuditRecord, AuditReport, GENESIS_HASH, sha256_hex};
 pub use cron::{CronJob, CronRun, FinishedRun, MissedPolicy, NewCronJob, RunOutcome, RunTrigger};
 pub use error::MemoryError;
 pub use invocations::ToolInvocation;
-pub use messages::StoredMessage;
+pub use messages::{Appended, AuditFn, HistoryVersion, StoredMessage};
 pub use pairing::{PairedUser, PendingPairing};
 pub use sessions::{SessionRecord, SessionSummary};
 pub use store::{DEFAULT_BUSY_TIMEOUT, Store, StoreOptions};

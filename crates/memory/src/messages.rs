@@ -58,12 +58,7 @@ impl Store {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = encode_all(messages)?;
-        let session_id = session_id.clone();
-        self.write(move |conn, ctx| {
-            Box::pin(async move { insert_messages(conn, ctx, &session_id, &rows).await })
-        })
-        .await
+        Ok(self.append_turn(session_id, messages, None).await?.ids)
     }
 
     /// Like [`Store::append_messages_with_usage`], and in the same transaction
@@ -79,17 +74,99 @@ impl Store {
     where
         A: FnOnce(&[MessageId]) -> AuditEntry + Send + 'static,
     {
+        let done = self
+            .append_turn(session_id, messages, Some(Box::new(audit)))
+            .await?;
+        Ok((done.ids, done.audit_seq.unwrap_or_default()))
+    }
+
+    /// Appends `messages` in order (all or nothing), with the audit entry
+    /// `audit` makes from their ids if given, in one transaction; returns
+    /// their ids, the audit row's `seq` and the session's [`HistoryVersion`]
+    /// right after this append (see [`Store::history`]).
+    pub async fn append_turn(
+        &self,
+        session_id: &SessionId,
+        messages: &[(&ChatMessage, Option<Usage>)],
+        audit: Option<AuditFn>,
+    ) -> Result<Appended, MemoryError> {
+        self.append_checked(session_id, messages, audit, false)
+            .await
+    }
+
+    /// Like [`Store::append_turn`], but stores nothing and fails with
+    /// [`MemoryError::SessionSuspended`] if the session is suspended: the
+    /// check and the append are one write, so a turn is admitted without a
+    /// read of its own.
+    pub async fn append_turn_unless_suspended(
+        &self,
+        session_id: &SessionId,
+        messages: &[(&ChatMessage, Option<Usage>)],
+        audit: Option<AuditFn>,
+    ) -> Result<Appended, MemoryError> {
+        self.append_checked(session_id, messages, audit, true).await
+    }
+
+    async fn append_checked(
+        &self,
+        session_id: &SessionId,
+        messages: &[(&ChatMessage, Option<Usage>)],
+        audit: Option<AuditFn>,
+        unless_suspended: bool,
+    ) -> Result<Appended, MemoryError> {
         let rows = encode_all(messages)?;
         let session_id = session_id.clone();
         self.write(move |conn, ctx| {
             Box::pin(async move {
-                let ids = insert_messages(conn, ctx, &session_id, &rows).await?;
-                let entry = EncodedAudit::new(&audit(&ids))?;
-                let seq = entry.append(conn, ctx).await?;
-                Ok((ids, seq))
+                let (ids, version) =
+                    insert_messages(conn, ctx, &session_id, &rows, unless_suspended).await?;
+                let audit_seq = match audit {
+                    Some(audit) => Some(EncodedAudit::new(&audit(&ids))?.append(conn, ctx).await?),
+                    None => None,
+                };
+                Ok(Appended {
+                    ids,
+                    audit_seq,
+                    version,
+                })
             })
         })
         .await
+    }
+
+    /// The newest `limit` messages of a session, oldest first, and the
+    /// [`HistoryVersion`] they are, read in one transaction. `None` for an
+    /// unknown session.
+    ///
+    /// A caller that keeps this history in memory and appends to it through
+    /// [`Store::append_turn`] knows its copy is still whole as long as each
+    /// append returns `version.advanced_by(n)` for the `n` messages it
+    /// appended; any other version means someone else wrote to the session
+    /// (or it was deleted and created again), and the copy must be read anew.
+    pub async fn history(
+        &self,
+        session_id: &SessionId,
+        limit: usize,
+    ) -> Result<Option<(HistoryVersion, Vec<StoredMessage>)>, MemoryError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.sql(e))?;
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT history_version FROM sessions WHERE id = ?")
+                .bind(session_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| self.sql(e))?;
+        let Some(version) = version.map(HistoryVersion) else {
+            return Ok(None);
+        };
+        let rows = sqlx::query(RECENT_MESSAGES)
+            .bind(session_id.as_str())
+            .bind(sql_limit(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| self.sql(e))?;
+        tx.commit().await.map_err(|e| self.sql(e))?;
+        let messages = rows.iter().map(decode_message).collect::<Result<_, _>>()?;
+        Ok(Some((version, messages)))
     }
 
     /// The newest `limit` messages of a session, oldest first (ready to send
@@ -99,21 +176,12 @@ impl Store {
         session_id: &SessionId,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, MemoryError> {
-        let rows = sqlx::query(
-            "SELECT * FROM (
-                 SELECT id, role, content, tool_calls, tool_call_id, tool_name, images,
-                        prompt_tokens, completion_tokens, created_at
-                 FROM messages
-                 WHERE session_id = ?
-                 ORDER BY id DESC
-                 LIMIT ?
-             ) ORDER BY id ASC",
-        )
-        .bind(session_id.as_str())
-        .bind(sql_limit(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.sql(e))?;
+        let rows = sqlx::query(RECENT_MESSAGES)
+            .bind(session_id.as_str())
+            .bind(sql_limit(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.sql(e))?;
         rows.iter().map(decode_message).collect()
     }
 
@@ -128,6 +196,48 @@ impl Store {
     }
 }
 
+/// The newest `?2` messages of session `?1`, oldest first.
+const RECENT_MESSAGES: &str = "SELECT * FROM (
+         SELECT id, role, content, tool_calls, tool_call_id, tool_name, images,
+                prompt_tokens, completion_tokens, created_at
+         FROM messages
+         WHERE session_id = ?
+         ORDER BY id DESC
+         LIMIT ?
+     ) ORDER BY id ASC";
+
+/// Makes the audit entry of an append from the new messages' ids.
+pub type AuditFn = Box<dyn FnOnce(&[MessageId]) -> AuditEntry + Send>;
+
+/// What [`Store::append_turn`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The new messages' ids, in order.
+    pub ids: Vec<MessageId>,
+    /// The audit row's `seq`, when an audit entry was given.
+    pub audit_seq: Option<i64>,
+    /// The session's history version right after this append.
+    pub version: HistoryVersion,
+}
+
+/// Which state of a session's history a reader saw. A session starts at a
+/// random version and every append adds the number of messages it appended,
+/// so two equal versions are the same history, and a session deleted and
+/// created again under the same id starts over at another random version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryVersion(i64);
+
+/// Versions count modulo 2^53, in SQL as here (`insert_messages`).
+const VERSION_MODULUS: i64 = 1 << 53;
+
+impl HistoryVersion {
+    /// The version after `n` more messages were appended to this one.
+    pub fn advanced_by(self, n: usize) -> HistoryVersion {
+        let n = i64::try_from(n % (VERSION_MODULUS as usize)).unwrap_or(0);
+        HistoryVersion((self.0.rem_euclid(VERSION_MODULUS) + n) % VERSION_MODULUS)
+    }
+}
+
 /// One message in its column form.
 fn encode_all(
     messages: &[(&ChatMessage, Option<Usage>)],
@@ -139,25 +249,42 @@ fn encode_all(
         .collect()
 }
 
-/// Bumps the session's `updated_at` and inserts `rows` in order, inside the
-/// caller's write transaction. [`MemoryError::SessionNotFound`] if the
+/// Bumps the session's `updated_at` and `history_version` and inserts `rows` in
+/// order, inside the caller's write transaction; returns their ids and the
+/// session's new history version. [`MemoryError::SessionNotFound`] if the
 /// session is missing.
 async fn insert_messages(
     conn: &mut SqliteConnection,
     ctx: &ErrorContext,
     session_id: &SessionId,
     rows: &[EncodedMessage],
-) -> Result<Vec<MessageId>, MemoryError> {
+    unless_suspended: bool,
+) -> Result<(Vec<MessageId>, HistoryVersion), MemoryError> {
     let now = now_millis();
-    let touched = sqlx::query("UPDATE sessions SET updated_at = MAX(updated_at, ?) WHERE id = ?")
-        .bind(now)
-        .bind(session_id.as_str())
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| ctx.sql(e))?;
-    if touched.rows_affected() == 0 {
-        return Err(MemoryError::SessionNotFound(session_id.clone()));
-    }
+    let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+    // `history_version` wraps at 2^53 like `HistoryVersion::advanced_by`.
+    let touched: Option<(i64, Option<String>)> = sqlx::query_as(
+        "UPDATE sessions SET updated_at = MAX(updated_at, ?),
+                             history_version = (history_version + ?) % 9007199254740992
+         WHERE id = ? RETURNING history_version, suspended_reason",
+    )
+    .bind(now)
+    .bind(count)
+    .bind(session_id.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| ctx.sql(e))?;
+    let version = match touched {
+        None => return Err(MemoryError::SessionNotFound(session_id.clone())),
+        // The caller's savepoint rolls this update back.
+        Some((_, Some(reason))) if unless_suspended => {
+            return Err(MemoryError::SessionSuspended {
+                session: session_id.clone(),
+                reason,
+            });
+        }
+        Some((version, _)) => HistoryVersion(version),
+    };
     let mut ids = Vec::with_capacity(rows.len());
     for row in rows {
         let done = sqlx::query(
@@ -181,7 +308,7 @@ async fn insert_messages(
         .map_err(|e| ctx.sql(e))?;
         ids.push(MessageId(done.last_insert_rowid()));
     }
-    Ok(ids)
+    Ok((ids, version))
 }
 
 /// A message encoded for its row, owned so that it can be handed to the

@@ -45,8 +45,8 @@ impl Store {
             Box::pin(async move {
                 let now = now_millis();
                 sqlx::query(
-                    "INSERT INTO sessions (id, channel, title, created_at, updated_at)
-                     VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO sessions (id, channel, title, created_at, updated_at, history_version)
+                     VALUES (?, ?, ?, ?, ?, abs(random() % 4503599627370496))",
                 )
                 .bind(id.as_str())
                 .bind(&channel)
@@ -70,8 +70,8 @@ impl Store {
             Box::pin(async move {
                 let now = now_millis();
                 let done = sqlx::query(
-                    "INSERT INTO sessions (id, channel, title, created_at, updated_at)
-                     VALUES (?, ?, NULL, ?, ?)
+                    "INSERT INTO sessions (id, channel, title, created_at, updated_at, history_version)
+                     VALUES (?, ?, NULL, ?, ?, abs(random() % 4503599627370496))
                      ON CONFLICT (id) DO NOTHING",
                 )
                 .bind(id.as_str())

@@ -415,3 +415,132 @@ async fn malformed_stored_rows_are_errors_not_panics() {
         })
     ));
 }
+
+#[tokio::test]
+async fn messages_read_back_exactly_as_appended() {
+    // The agent keeps what it appended in memory instead of reading it back,
+    // so the stored form must give back the very same messages.
+    let (_dir, store) = file_store().await;
+    let id = sid("cli:exact");
+    store.create_session(&id, "cli", None).await.unwrap();
+    let mut capture = ChatMessage::tool_result("c2", "screen.capture", "");
+    capture.images = vec!["/ws/ä b.png".into()];
+    let messages = vec![
+        ChatMessage::user("grüße, 你好 \u{1F980}\nline two\ttab \"quoted\" \\ back"),
+        ChatMessage::user("nul \0 inside"),
+        ChatMessage::user(""),
+        ChatMessage::assistant("", vec![shell_call("c1"), shell_call("c2")]),
+        ChatMessage::tool_result("c1", "shell", "  leading and trailing  \n"),
+        capture,
+        ChatMessage::assistant("done", Vec::new()),
+    ];
+    store.append_messages(&id, &messages).await.unwrap();
+    let back: Vec<ChatMessage> = store
+        .recent_messages(&id, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message)
+        .collect();
+    assert_eq!(back, messages);
+}
+
+#[tokio::test]
+async fn history_versions_follow_appends_and_notice_other_writers() {
+    let (_dir, store) = file_store().await;
+    let id = sid("cli:versions");
+    assert!(store.history(&id, 10).await.unwrap().is_none());
+    store.create_session(&id, "cli", None).await.unwrap();
+    let (v0, empty) = store.history(&id, 10).await.unwrap().unwrap();
+    assert!(empty.is_empty());
+
+    // Our own appends advance the version by exactly their message count.
+    let user = ChatMessage::user("one");
+    let done = store
+        .append_turn(&id, &[(&user, None)], None)
+        .await
+        .unwrap();
+    assert_eq!(done.version, v0.advanced_by(1));
+    let pair = [
+        ChatMessage::assistant("", vec![shell_call("c1")]),
+        ChatMessage::tool_result("c1", "shell", "ok"),
+    ];
+    let two = store
+        .append_turn(&id, &[(&pair[0], None), (&pair[1], None)], None)
+        .await
+        .unwrap();
+    assert_eq!(two.version, done.version.advanced_by(2));
+    let (read, messages) = store.history(&id, 10).await.unwrap().unwrap();
+    assert_eq!(read, two.version);
+    assert_eq!(messages.len(), 3);
+
+    // Somebody else's append in between shows as a version we did not expect.
+    store
+        .append_message(&id, &ChatMessage::user("from elsewhere"), None)
+        .await
+        .unwrap();
+    let ours = store
+        .append_turn(&id, &[(&ChatMessage::user("mine"), None)], None)
+        .await
+        .unwrap();
+    assert_ne!(ours.version, two.version.advanced_by(1));
+    assert_eq!(ours.version, two.version.advanced_by(2));
+
+    // A session deleted and created again under the same id, with as many
+    // messages as before, is not the same history.
+    assert!(store.delete_session(&id).await.unwrap());
+    store.create_session(&id, "cli", None).await.unwrap();
+    let mut again = None;
+    for i in 0..5 {
+        let m = ChatMessage::user(format!("new {i}"));
+        again = Some(store.append_turn(&id, &[(&m, None)], None).await.unwrap());
+    }
+    assert_ne!(again.unwrap().version, ours.version);
+
+    // A failed append (unknown session) changes nothing.
+    let missing = sid("cli:missing");
+    let err = store
+        .append_turn(&missing, &[(&user, None)], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MemoryError::SessionNotFound(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_database_from_before_history_versions_gets_them_on_open() {
+    // A session written under migration 6 (no `history_version`) must still
+    // be readable and appendable after the upgrade.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let id = sid("cli:old");
+    {
+        let store = Store::open(&path).await.unwrap();
+        store.create_session(&id, "cli", None).await.unwrap();
+        store
+            .append_message(&id, &ChatMessage::user("before"), None)
+            .await
+            .unwrap();
+        store.close().await;
+    }
+    {
+        // Roll the schema back to version 6 by hand.
+        let mut conn = raw(&path).await;
+        sqlx::query("ALTER TABLE sessions DROP COLUMN history_version")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 7")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+    }
+    let store = Store::open(&path).await.unwrap();
+    let (v, messages) = store.history(&id, 10).await.unwrap().unwrap();
+    assert_eq!(messages.len(), 1);
+    let done = store
+        .append_turn(&id, &[(&ChatMessage::user("after"), None)], None)
+        .await
+        .unwrap();
+    assert_eq!(done.version, v.advanced_by(1));
+}
