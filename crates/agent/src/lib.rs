@@ -21,7 +21,7 @@ pub mod approval;
 mod context;
 pub mod quota;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +31,9 @@ use futures::StreamExt;
 use openpista_llm::{
     Assembler, ChatRequest, LlmError, LlmEvent, LlmProvider, Sampling, ToolChoice,
 };
-use openpista_memory::{AuditEntry, MemoryError, Store, ToolInvocation, sha256_hex};
+use openpista_memory::{
+    Appended, AuditEntry, AuditFn, HistoryVersion, MemoryError, Store, ToolInvocation, sha256_hex,
+};
 use openpista_proto::wire::Decision;
 use openpista_proto::{
     AgentEvent, ChatMessage, ErrorCode, MessageId, SessionId, ToolOutcome, Usage,
@@ -272,6 +274,7 @@ impl Agent {
                     turn_lock: tokio::sync::Mutex::new(()),
                     running: Mutex::new(None),
                     titled: AtomicBool::new(false),
+                    history: Mutex::new(None),
                     quota: quota::SessionQuota::default(),
                     always: approval::AlwaysSet::default(),
                     origin: Mutex::new(Origin::channel("local")),
@@ -309,6 +312,16 @@ fn turn_finished_detail(
     })
 }
 
+/// A session's recent history kept in memory, so that a turn does not read
+/// back what this process just wrote. `version` is the store's
+/// [`HistoryVersion`] these messages are; an append that returns any other
+/// version than the expected one drops the copy (see [`AgentSession::append`]).
+#[derive(Debug)]
+struct CachedHistory {
+    version: HistoryVersion,
+    messages: VecDeque<ChatMessage>,
+}
+
 /// One conversation. Turns run one at a time.
 pub struct AgentSession {
     id: SessionId,
@@ -317,6 +330,9 @@ pub struct AgentSession {
     running: Mutex<Option<CancellationToken>>,
     /// Whether this process already made sure the session has a title.
     titled: AtomicBool,
+    /// The newest `history_limit` messages, as this process last read or
+    /// appended them; `None` until read, or once someone else wrote.
+    history: Mutex<Option<CachedHistory>>,
     /// Tool-call and failure windows for `[quotas]`.
     quota: quota::SessionQuota,
     /// Calls approved with `always` in this session.
@@ -430,17 +446,27 @@ impl AgentSession {
         self.admit().await?;
         // The message and its `turn_started` audit row are one write.
         let session = self.id.clone();
-        let (ids, _) = sh
-            .store
-            .append_messages_audited(&self.id, &[(&ChatMessage::user(text), None)], move |ids| {
-                AuditEntry {
+        // A suspended session is refused by this same write (nothing stored).
+        let started = self
+            .append_checked(
+                &[(&ChatMessage::user(text), None)],
+                Some(Box::new(move |ids| AuditEntry {
                     session_id: Some(session),
                     actor: "agent".to_owned(),
                     action: "turn_started".to_owned(),
                     detail: serde_json::json!({ "user_message_id": ids.first().map(|m| m.0) }),
-                }
-            })
-            .await?;
+                })),
+                true,
+            )
+            .await;
+        let ids = match started {
+            Ok(Appended { ids, .. }) => ids,
+            Err(MemoryError::SessionSuspended { reason, .. }) => {
+                return Err(self.refuse(AgentError::Suspended { reason }).await?);
+            }
+            Err(MemoryError::SessionNotFound(id)) => return Err(AgentError::NotFound(id)),
+            Err(e) => return Err(e.into()),
+        };
         let user_message_id = ids
             .first()
             .copied()
@@ -475,11 +501,7 @@ impl AgentSession {
             if cancel.is_cancelled() {
                 return Err(AgentError::Cancelled);
             }
-            let stored = sh
-                .store
-                .recent_messages(&self.id, sh.config.history_limit as usize)
-                .await?;
-            let history = repair_history(stored.into_iter().map(|m| m.message).collect());
+            let history = repair_history(self.recent_history().await?);
             let tool_tokens: usize = tool_defs
                 .iter()
                 .map(|t| {
@@ -542,7 +564,7 @@ impl AgentSession {
                                 format!("{streamed} [cancelled]"),
                                 Vec::new(),
                             );
-                            sh.store.append_message(&self.id, &partial, None).await?;
+                            self.append(&[(&partial, None)], None).await?;
                         }
                         return Err(AgentError::Cancelled);
                     };
@@ -574,18 +596,16 @@ impl AgentSession {
                 // The reply and its `turn_finished` audit row are one write.
                 let reply = ChatMessage::assistant(completion.text.clone(), Vec::new());
                 let session = self.id.clone();
-                sh.store
-                    .append_messages_audited(
-                        &self.id,
-                        &[(&reply, Some(completion.usage))],
-                        move |_| AuditEntry {
-                            session_id: Some(session),
-                            actor: "agent".to_owned(),
-                            action: "turn_finished".to_owned(),
-                            detail: turn_finished_detail("ok", Some(llm_calls), Some(tool_calls)),
-                        },
-                    )
-                    .await?;
+                self.append(
+                    &[(&reply, Some(completion.usage))],
+                    Some(Box::new(move |_| AuditEntry {
+                        session_id: Some(session),
+                        actor: "agent".to_owned(),
+                        action: "turn_finished".to_owned(),
+                        detail: turn_finished_detail("ok", Some(llm_calls), Some(tool_calls)),
+                    })),
+                )
+                .await?;
                 audited.finished = true;
                 return Ok(TurnOutcome {
                     session_id: self.id.clone(),
@@ -606,7 +626,7 @@ impl AgentSession {
                     format!("{}[stopped: {exceeded}]", completion.text),
                     Vec::new(),
                 );
-                sh.store.append_message(&self.id, &note, None).await?;
+                self.append(&[(&note, None)], None).await?;
                 self.audit(
                     "quota_exceeded",
                     serde_json::json!({ "message": exceeded.to_string() }),
@@ -627,7 +647,7 @@ impl AgentSession {
                     },
                     Vec::new(),
                 );
-                sh.store.append_message(&self.id, &note, None).await?;
+                self.append(&[(&note, None)], None).await?;
                 return Err(AgentError::MaxRounds(sh.config.max_tool_rounds));
             }
 
@@ -748,15 +768,14 @@ impl AgentSession {
                     .collect();
                 batch.push(message);
             }
-            let ids = sh
-                .store
-                .append_messages_with_usage(
-                    &self.id,
+            let Appended { ids, .. } = self
+                .append(
                     &batch
                         .iter()
                         .enumerate()
                         .map(|(i, m)| (m, (i == 0).then_some(completion.usage)))
                         .collect::<Vec<_>>(),
+                    None,
                 )
                 .await?;
             for mut inv in invocations {
@@ -917,14 +936,18 @@ impl AgentSession {
         Ok(result.map_or(Gate::Run { approved: true }, Gate::Refused))
     }
 
-    /// Refuses a turn of a suspended session, or of one over its daily
-    /// tokens (audited as `turn_refused`).
+    /// With `[quotas] tokens_per_day` on, refuses a turn of a suspended
+    /// session or of one over its daily tokens (audited as `turn_refused`).
+    /// Otherwise there is nothing to read: the write that stores the user
+    /// message refuses a suspended session itself.
     async fn admit(&self) -> Result<(), AgentError> {
         let sh = &self.shared;
+        if sh.config.quotas.tokens_per_day == 0 {
+            return Ok(());
+        }
         let refusal: AgentError = match sh.store.suspension(&self.id).await? {
             None => return Err(AgentError::NotFound(self.id.clone())),
             Some(Some(reason)) => AgentError::Suspended { reason },
-            Some(None) if sh.config.quotas.tokens_per_day == 0 => return Ok(()),
             Some(None) => {
                 let used = sh.store.token_usage(&self.id, &quota::today()).await?;
                 match quota::check_tokens(&sh.config.quotas, 0, used) {
@@ -933,12 +956,17 @@ impl AgentSession {
                 }
             }
         };
+        Err(self.refuse(refusal).await?)
+    }
+
+    /// Audits `refusal` as this turn's `turn_refused` and hands it back.
+    async fn refuse(&self, refusal: AgentError) -> Result<AgentError, MemoryError> {
         self.audit(
             "turn_refused",
             serde_json::json!({ "code": refusal.code().as_str(), "message": refusal.to_string() }),
         )
         .await?;
-        Err(refusal)
+        Ok(refusal)
     }
 
     /// Counts a model call's tokens toward today's (when `[quotas]
@@ -953,6 +981,75 @@ impl AgentSession {
             .store
             .add_token_usage(&self.id, &quota::today(), tokens)
             .await?)
+    }
+
+    /// Appends `messages` (and the audit row `audit` makes, in the same
+    /// write) to this session, and keeps the in-memory history in step: the
+    /// copy grows by exactly these messages when the store says nobody else
+    /// appended since (the returned version is the cached one advanced by
+    /// `messages.len()`); otherwise it is dropped and read anew next round.
+    async fn append(
+        &self,
+        messages: &[(&ChatMessage, Option<Usage>)],
+        audit: Option<AuditFn>,
+    ) -> Result<Appended, MemoryError> {
+        self.append_checked(messages, audit, false).await
+    }
+
+    /// [`AgentSession::append`], refused with
+    /// [`MemoryError::SessionSuspended`] if `unless_suspended` and the
+    /// session is suspended.
+    async fn append_checked(
+        &self,
+        messages: &[(&ChatMessage, Option<Usage>)],
+        audit: Option<AuditFn>,
+        unless_suspended: bool,
+    ) -> Result<Appended, MemoryError> {
+        let store = &self.shared.store;
+        let done = if unless_suspended {
+            store
+                .append_turn_unless_suspended(&self.id, messages, audit)
+                .await?
+        } else {
+            store.append_turn(&self.id, messages, audit).await?
+        };
+        let limit = self.shared.config.history_limit as usize;
+        let mut cache = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.as_mut() {
+            Some(c) if c.version.advanced_by(messages.len()) == done.version => {
+                c.version = done.version;
+                c.messages
+                    .extend(messages.iter().map(|(m, _)| (*m).clone()));
+                while c.messages.len() > limit {
+                    c.messages.pop_front();
+                }
+            }
+            _ => *cache = None,
+        }
+        Ok(done)
+    }
+
+    /// The newest `history_limit` messages, oldest first: the in-memory copy
+    /// when it is known to be whole, else read from the store (and kept).
+    async fn recent_history(&self) -> Result<Vec<ChatMessage>, AgentError> {
+        if let Some(c) = self
+            .history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Ok(c.messages.iter().cloned().collect());
+        }
+        let limit = self.shared.config.history_limit as usize;
+        let Some((version, stored)) = self.shared.store.history(&self.id, limit).await? else {
+            return Err(AgentError::NotFound(self.id.clone()));
+        };
+        let messages: Vec<ChatMessage> = stored.into_iter().map(|m| m.message).collect();
+        *self.history.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedHistory {
+            version,
+            messages: messages.iter().cloned().collect(),
+        });
+        Ok(messages)
     }
 
     /// Appends an audit row for this session, acted by the agent.

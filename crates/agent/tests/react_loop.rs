@@ -569,3 +569,148 @@ async fn unknown_session_is_not_found() {
     let s = h.agent.session_for(&id, "telegram").await.unwrap();
     assert_eq!(s.id(), &id);
 }
+
+/// Every message of a session, oldest first, as stored.
+async fn stored(h: &Harness, id: &openpista_proto::SessionId) -> Vec<openpista_proto::ChatMessage> {
+    h.store
+        .recent_messages(id, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message)
+        .collect()
+}
+
+#[tokio::test]
+async fn each_request_carries_exactly_the_stored_history() {
+    // The session keeps its recent history in memory between rounds and
+    // turns; what it sends must be what SQLite holds at that moment.
+    let h = harness(
+        r#"
+        [[reply]]
+        text = "Looking."
+        tool_calls = [{ name = "test.echo", arguments = { a = 1 } }, { name = "test.fail", arguments = {} }]
+        [[reply]]
+        text = "first"
+        [[reply]]
+        text = "second"
+        [[reply]]
+        tool_calls = [{ name = "test.echo", arguments = { a = 2 } }]
+        [[reply]]
+        text = "third"
+        "#,
+        AgentConfig::default(),
+    )
+    .await;
+    let session = h.agent.create_session("test").await.unwrap();
+    for text in ["one", "two", "three"] {
+        let (tx, rx) = mpsc::channel(64);
+        session
+            .run_turn(text, tx, CancellationToken::new())
+            .await
+            .unwrap();
+        collect(rx).await;
+    }
+    let all = stored(&h, session.id()).await;
+    assert_eq!(all.len(), 11, "{all:#?}");
+    let requests = h.llm.requests();
+    assert_eq!(requests.len(), 5);
+    for (i, r) in requests.iter().enumerate() {
+        let history = &r.messages[1..];
+        assert_eq!(history, &all[..history.len()], "request {i}");
+    }
+    // Each request ended where the stored history was at the time.
+    let lengths: Vec<usize> = requests.iter().map(|r| r.messages.len() - 1).collect();
+    assert_eq!(lengths, [1, 4, 6, 8, 10]);
+}
+
+#[tokio::test]
+async fn the_window_slides_over_the_kept_history() {
+    let h = harness(
+        "on_exhausted = \"repeat_last\"\n[[reply]]\ntext = \"ok\"\n",
+        AgentConfig {
+            history_limit: 3,
+            ..AgentConfig::default()
+        },
+    )
+    .await;
+    let session = h.agent.create_session("test").await.unwrap();
+    for n in 0..5 {
+        let (tx, rx) = mpsc::channel(64);
+        session
+            .run_turn(&format!("message {n}"), tx, CancellationToken::new())
+            .await
+            .unwrap();
+        collect(rx).await;
+        let all = stored(&h, session.id()).await;
+        // The request of this turn: the newest 3 messages before its reply.
+        let before_reply = &all[..all.len() - 1];
+        let expected = &before_reply[before_reply.len().saturating_sub(3)..];
+        let last = h.llm.requests().pop().unwrap();
+        assert_eq!(&last.messages[1..], expected, "turn {n}");
+    }
+}
+
+#[tokio::test]
+async fn messages_written_by_someone_else_reach_the_model() {
+    let h = harness(
+        "on_exhausted = \"repeat_last\"\n[[reply]]\ntext = \"ok\"\n",
+        AgentConfig::default(),
+    )
+    .await;
+    let id = openpista_proto::SessionId::parse("telegram-42").unwrap();
+    let session = h.agent.session_for(&id, "telegram").await.unwrap();
+    let turn = |text: &'static str| {
+        let session = session.clone();
+        async move {
+            let (tx, rx) = mpsc::channel(64);
+            session
+                .run_turn(text, tx, CancellationToken::new())
+                .await
+                .unwrap();
+            collect(rx).await;
+        }
+    };
+    turn("first").await;
+
+    // Another writer (a second process on the same database, say) appends
+    // between two turns: the next request must include it.
+    h.store
+        .append_message(
+            &id,
+            &openpista_proto::ChatMessage::user("written elsewhere"),
+            None,
+        )
+        .await
+        .unwrap();
+    turn("second").await;
+    let last = h.llm.requests().pop().unwrap();
+    let history = &last.messages[1..];
+    assert_eq!(history, stored(&h, &id).await[..history.len()].to_vec());
+    assert!(history.iter().any(|m| m.content == "written elsewhere"));
+
+    // The session is deleted and created again under the same id, with as
+    // many messages as before: nothing of the old history may reach the model.
+    assert!(h.store.delete_session(&id).await.unwrap());
+    h.store.create_session(&id, "telegram", None).await.unwrap();
+    for i in 0..5 {
+        h.store
+            .append_message(
+                &id,
+                &openpista_proto::ChatMessage::user(format!("new {i}")),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    turn("third").await;
+    let last = h.llm.requests().pop().unwrap();
+    let history = &last.messages[1..];
+    assert_eq!(history, stored(&h, &id).await[..history.len()].to_vec());
+    assert!(
+        !history
+            .iter()
+            .any(|m| m.content == "first" || m.content == "written elsewhere"),
+        "{history:#?}"
+    );
+}
