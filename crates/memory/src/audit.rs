@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use openpista_proto::SessionId;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnection, SqliteRow};
+use sqlx::sqlite::SqliteRow;
 
 use crate::error::{ErrorContext, MemoryError, corrupt};
 use crate::store::{Store, col, from_millis, now_millis, sql_limit};
@@ -164,18 +164,20 @@ impl EncodedAudit {
     /// transaction (which holds the write lock, so concurrent writers, other
     /// tasks or processes, chain one after another). Returns its `seq`.
     /// [`MemoryError::AuditHeadMissing`] if `audit_head` was deleted.
-    pub(crate) async fn append(
+    pub(crate) fn append(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &rusqlite::Connection,
         ctx: &ErrorContext,
     ) -> Result<i64, MemoryError> {
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(|e| ctx.sql(e))?
-            .ok_or(MemoryError::AuditHeadMissing)?;
-        let head_seq: i64 = col(&head, "seq", "audit_head", &1)?;
-        let prev_hash: String = col(&head, "hash", "audit_head", &1)?;
+        use rusqlite::OptionalExtension;
+        let head: Option<(i64, String)> = conn
+            .prepare_cached(AUDIT_HEAD)
+            .and_then(|mut head| {
+                head.query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+            })
+            .map_err(|e| ctx.sqlite(e))?;
+        let (head_seq, prev_hash) = head.ok_or(MemoryError::AuditHeadMissing)?;
         let seq = head_seq
             .checked_add(1)
             .ok_or_else(|| corrupt("audit_head", 1, "seq is at its maximum"))?;
@@ -191,25 +193,30 @@ impl EncodedAudit {
             &self.detail,
             &prev_hash,
         );
-        sqlx::query(
+        conn.prepare_cached(
             "INSERT INTO audit_log (seq, at, session_id, actor, action, detail, prev_hash, hash)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
-        .bind(seq)
-        .bind(at)
-        .bind(self.session.as_deref())
-        .bind(&self.actor)
-        .bind(&self.action)
-        .bind(&self.detail)
-        .bind(&prev_hash)
-        .bind(&hash)
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| ctx.sql(e))?;
+        .and_then(|mut insert| {
+            insert.execute(rusqlite::params![
+                seq,
+                at,
+                self.session,
+                self.actor,
+                self.action,
+                self.detail,
+                prev_hash,
+                hash,
+            ])
+        })
+        .map_err(|e| ctx.sqlite(e))?;
         // The trigger `audit_head_follows` (migration 8) moved the head.
         Ok(seq)
     }
 }
+
+/// Reads the head of the chain: one row `(seq, hash)`, none if deleted.
+const AUDIT_HEAD: &str = "SELECT seq, hash FROM audit_head WHERE id = 1";
 
 impl Store {
     /// Appends `entry` to the audit trail and returns its `seq`.
@@ -219,8 +226,7 @@ impl Store {
     /// [`MemoryError::AuditHeadMissing`] if `audit_head` was deleted.
     pub async fn append_audit(&self, entry: &AuditEntry) -> Result<i64, MemoryError> {
         let row = EncodedAudit::new(entry)?;
-        self.write(move |conn, ctx| Box::pin(async move { row.append(conn, ctx).await }))
-            .await
+        self.write(move |conn, ctx| row.append(conn, ctx)).await
     }
 
     /// The newest `limit` audit rows (of `session`, if given), oldest first.
@@ -255,7 +261,7 @@ impl Store {
     /// is not an error: it is reported in [`AuditReport::first_bad`].
     pub async fn verify_audit(&self) -> Result<AuditReport, MemoryError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.sql(e))?;
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+        let head = sqlx::query(AUDIT_HEAD)
             .fetch_optional(&mut *tx)
             .await
             .map_err(|e| self.sql(e))?;

@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use openpista_proto::{MessageId, SessionId};
-use sqlx::error::ErrorKind;
 use sqlx::migrate::MigrateError;
 
 /// Everything that can go wrong while storing or reading history.
@@ -141,6 +140,19 @@ pub enum MemoryError {
     #[error("database {path}: {message}")]
     NotStored { path: PathBuf, message: String },
 
+    /// A write failed inside SQLite (the store's writer drives its
+    /// connection directly, see `writer.rs`): a constraint or trigger that
+    /// refused it, I/O errors, a full disk. Nothing of that write was stored.
+    ///
+    /// Cause: see the source. Retrying may help for transient I/O or a full
+    /// disk once space is freed; not for a refused constraint.
+    #[error("database {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+
     /// Any other SQLite or pool failure: I/O errors, a full disk, a file that
     /// cannot be opened, a closed pool.
     ///
@@ -203,6 +215,32 @@ impl ErrorContext {
         }
     }
 
+    /// Maps an error of the writer's direct SQLite calls like
+    /// [`ErrorContext::sql`] does an sqlx error.
+    pub(crate) fn sqlite(&self, err: rusqlite::Error) -> MemoryError {
+        let primary = match &err {
+            rusqlite::Error::SqliteFailure(e, _) => Some(e.extended_code & 0xff),
+            _ => None,
+        };
+        match primary {
+            Some(SQLITE_BUSY | SQLITE_LOCKED) => MemoryError::Locked {
+                path: self.path.clone(),
+                waited: self.busy_timeout,
+            },
+            Some(SQLITE_NOTADB) => MemoryError::NotADatabase {
+                path: self.path.clone(),
+            },
+            Some(SQLITE_CORRUPT) => MemoryError::DatabaseCorrupt {
+                path: self.path.clone(),
+                message: err.to_string(),
+            },
+            _ => MemoryError::Write {
+                path: self.path.clone(),
+                source: err,
+            },
+        }
+    }
+
     /// The same failure again, for the next caller of a failed batch (the
     /// first gets `err` itself).
     pub(crate) fn replicate(&self, err: &MemoryError) -> MemoryError {
@@ -231,16 +269,23 @@ impl ErrorContext {
         }
     }
 
-    /// Like [`ErrorContext::sql`], but a uniqueness violation means `id` is taken.
-    pub(crate) fn sql_insert_session(&self, err: sqlx::Error, id: &SessionId) -> MemoryError {
+    /// Like [`ErrorContext::sqlite`], but a uniqueness violation means `id`
+    /// is taken.
+    pub(crate) fn sqlite_insert_session(
+        &self,
+        err: rusqlite::Error,
+        id: &SessionId,
+    ) -> MemoryError {
         let unique = matches!(
             &err,
-            sqlx::Error::Database(db) if db.kind() == ErrorKind::UniqueViolation
+            rusqlite::Error::SqliteFailure(e, _)
+                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                    || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
         );
         if unique {
             MemoryError::SessionExists(id.clone())
         } else {
-            self.sql(err)
+            self.sqlite(err)
         }
     }
 

@@ -38,52 +38,50 @@ impl Store {
         let duration_ms = to_i64("duration_ms", inv.duration_ms)?;
         let inv = inv.clone();
         self.write(move |conn, ctx| {
-            Box::pin(async move {
-                let session_exists: bool =
-                    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = ?)")
-                        .bind(inv.session_id.as_str())
-                        .fetch_one(&mut *conn)
-                        .await
-                        .map_err(|e| ctx.sql(e))?;
-                if !session_exists {
-                    return Err(MemoryError::SessionNotFound(inv.session_id.clone()));
-                }
-                if let Some(message_id) = inv.message_id {
-                    let in_session: bool = sqlx::query_scalar(
-                        "SELECT EXISTS (SELECT 1 FROM messages WHERE id = ? AND session_id = ?)",
-                    )
-                    .bind(message_id.0)
-                    .bind(inv.session_id.as_str())
-                    .fetch_one(&mut *conn)
-                    .await
-                    .map_err(|e| ctx.sql(e))?;
-                    if !in_session {
-                        return Err(MemoryError::MessageNotFound {
-                            session_id: inv.session_id.clone(),
-                            message_id,
-                        });
-                    }
-                }
-                let done = sqlx::query(
-                    "INSERT INTO tool_invocations (session_id, message_id, call_id, tool_name, args,
-                                                   result, exit_code, duration_ms, outcome, created_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(inv.session_id.as_str())
-                .bind(inv.message_id.map(|m| m.0))
-                .bind(&inv.call_id)
-                .bind(&inv.tool_name)
-                .bind(&inv.args)
-                .bind(&inv.result)
-                .bind(inv.exit_code)
-                .bind(duration_ms)
-                .bind(inv.outcome.as_str())
-                .bind(inv.created_at.timestamp_millis())
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| ctx.sql(e))?;
-                Ok(done.last_insert_rowid())
+            let exists =
+                |sql: &str, params: &[&dyn rusqlite::ToSql]| -> Result<bool, MemoryError> {
+                    conn.prepare_cached(sql)
+                        .and_then(|mut query| query.query_row(params, |row| row.get(0)))
+                        .map_err(|e| ctx.sqlite(e))
+                };
+            if !exists(
+                "SELECT EXISTS (SELECT 1 FROM sessions WHERE id = ?)",
+                &[&inv.session_id.as_str()],
+            )? {
+                return Err(MemoryError::SessionNotFound(inv.session_id.clone()));
+            }
+            if let Some(message_id) = inv.message_id
+                && !exists(
+                    "SELECT EXISTS (SELECT 1 FROM messages WHERE id = ? AND session_id = ?)",
+                    &[&message_id.0, &inv.session_id.as_str()],
+                )?
+            {
+                return Err(MemoryError::MessageNotFound {
+                    session_id: inv.session_id.clone(),
+                    message_id,
+                });
+            }
+            conn.prepare_cached(
+                "INSERT INTO tool_invocations (session_id, message_id, call_id, tool_name, args,
+                                               result, exit_code, duration_ms, outcome, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .and_then(|mut insert| {
+                insert.execute(rusqlite::params![
+                    inv.session_id.as_str(),
+                    inv.message_id.map(|m| m.0),
+                    inv.call_id,
+                    inv.tool_name,
+                    inv.args,
+                    inv.result,
+                    inv.exit_code,
+                    duration_ms,
+                    inv.outcome.as_str(),
+                    inv.created_at.timestamp_millis(),
+                ])
             })
+            .map_err(|e| ctx.sqlite(e))?;
+            Ok(conn.last_insert_rowid())
         })
         .await
     }

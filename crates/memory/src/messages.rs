@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use openpista_proto::{ChatMessage, MessageId, Role, SessionId, ToolCall, Usage};
-use sqlx::sqlite::{SqliteConnection, SqliteRow};
+use sqlx::sqlite::SqliteRow;
 
 use crate::audit::{AuditEntry, EncodedAudit};
 use crate::error::{ErrorContext, MemoryError, corrupt};
@@ -117,18 +117,15 @@ impl Store {
         let rows = encode_all(messages)?;
         let session_id = session_id.clone();
         self.write(move |conn, ctx| {
-            Box::pin(async move {
-                let (ids, version) =
-                    insert_messages(conn, ctx, &session_id, &rows, unless_suspended).await?;
-                let audit_seq = match audit {
-                    Some(audit) => Some(EncodedAudit::new(&audit(&ids))?.append(conn, ctx).await?),
-                    None => None,
-                };
-                Ok(Appended {
-                    ids,
-                    audit_seq,
-                    version,
-                })
+            let (ids, version) = insert_messages(conn, ctx, &session_id, &rows, unless_suspended)?;
+            let audit_seq = match audit {
+                Some(audit) => Some(EncodedAudit::new(&audit(&ids))?.append(conn, ctx)?),
+                None => None,
+            };
+            Ok(Appended {
+                ids,
+                audit_seq,
+                version,
             })
         })
         .await
@@ -252,28 +249,34 @@ fn encode_all(
 /// Bumps the session's `updated_at` and `history_version` and inserts `rows` in
 /// order, inside the caller's write transaction; returns their ids and the
 /// session's new history version. [`MemoryError::SessionNotFound`] if the
-/// session is missing.
-async fn insert_messages(
-    conn: &mut SqliteConnection,
+/// session is missing, [`MemoryError::SessionSuspended`] if `unless_suspended`
+/// and it is suspended; on an error the caller's savepoint undoes whatever
+/// ran.
+fn insert_messages(
+    conn: &rusqlite::Connection,
     ctx: &ErrorContext,
     session_id: &SessionId,
     rows: &[EncodedMessage],
     unless_suspended: bool,
 ) -> Result<(Vec<MessageId>, HistoryVersion), MemoryError> {
+    use rusqlite::OptionalExtension;
     let now = now_millis();
     let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
     // `history_version` wraps at 2^53 like `HistoryVersion::advanced_by`.
-    let touched: Option<(i64, Option<String>)> = sqlx::query_as(
-        "UPDATE sessions SET updated_at = MAX(updated_at, ?),
-                             history_version = (history_version + ?) % 9007199254740992
-         WHERE id = ? RETURNING history_version, suspended_reason",
-    )
-    .bind(now)
-    .bind(count)
-    .bind(session_id.as_str())
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(|e| ctx.sql(e))?;
+    let touched: Option<(i64, Option<String>)> = conn
+        .prepare_cached(
+            "UPDATE sessions SET updated_at = MAX(updated_at, ?),
+                                 history_version = (history_version + ?) % 9007199254740992
+             WHERE id = ? RETURNING history_version, suspended_reason",
+        )
+        .and_then(|mut update| {
+            update
+                .query_row(rusqlite::params![now, count, session_id.as_str()], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()
+        })
+        .map_err(|e| ctx.sqlite(e))?;
     let version = match touched {
         None => return Err(MemoryError::SessionNotFound(session_id.clone())),
         // The caller's savepoint rolls this update back.
@@ -285,28 +288,31 @@ async fn insert_messages(
         }
         Some((version, _)) => HistoryVersion(version),
     };
-    let mut ids = Vec::with_capacity(rows.len());
-    for row in rows {
-        let done = sqlx::query(
+    let mut insert = conn
+        .prepare_cached(
             "INSERT INTO messages (session_id, role, content, tool_calls, tool_call_id,
                                    tool_name, images, prompt_tokens, completion_tokens,
                                    created_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
-        .bind(session_id.as_str())
-        .bind(row.role)
-        .bind(&row.content)
-        .bind(row.tool_calls.as_deref())
-        .bind(row.tool_call_id.as_deref())
-        .bind(row.tool_name.as_deref())
-        .bind(row.images.as_deref())
-        .bind(row.prompt_tokens)
-        .bind(row.completion_tokens)
-        .bind(now)
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| ctx.sql(e))?;
-        ids.push(MessageId(done.last_insert_rowid()));
+        .map_err(|e| ctx.sqlite(e))?;
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id = insert
+            .insert(rusqlite::params![
+                session_id.as_str(),
+                row.role,
+                row.content,
+                row.tool_calls,
+                row.tool_call_id,
+                row.tool_name,
+                row.images,
+                row.prompt_tokens,
+                row.completion_tokens,
+                now,
+            ])
+            .map_err(|e| ctx.sqlite(e))?;
+        ids.push(MessageId(id));
     }
     Ok((ids, version))
 }

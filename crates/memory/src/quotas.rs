@@ -13,18 +13,14 @@ impl Store {
     pub async fn suspend_session(&self, id: &SessionId, reason: &str) -> Result<(), MemoryError> {
         let (id, reason) = (id.clone(), reason.to_owned());
         self.write(move |conn, ctx| {
-            Box::pin(async move {
-                let done = sqlx::query("UPDATE sessions SET suspended_reason = ? WHERE id = ?")
-                    .bind(&reason)
-                    .bind(id.as_str())
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| ctx.sql(e))?;
-                if done.rows_affected() == 0 {
-                    return Err(MemoryError::SessionNotFound(id));
-                }
-                Ok(())
-            })
+            let updated = conn
+                .prepare_cached("UPDATE sessions SET suspended_reason = ? WHERE id = ?")
+                .and_then(|mut update| update.execute(rusqlite::params![reason, id.as_str()]))
+                .map_err(|e| ctx.sqlite(e))?;
+            if updated == 0 {
+                return Err(MemoryError::SessionNotFound(id));
+            }
+            Ok(())
         })
         .await
     }
@@ -37,14 +33,10 @@ impl Store {
         };
         let id = id.clone();
         self.write(move |conn, ctx| {
-            Box::pin(async move {
-                sqlx::query("UPDATE sessions SET suspended_reason = NULL WHERE id = ?")
-                    .bind(id.as_str())
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| ctx.sql(e))?;
-                Ok(())
-            })
+            conn.prepare_cached("UPDATE sessions SET suspended_reason = NULL WHERE id = ?")
+                .and_then(|mut update| update.execute([id.as_str()]))
+                .map_err(|e| ctx.sqlite(e))?;
+            Ok(())
         })
         .await?;
         Ok(was.is_some())
@@ -73,20 +65,19 @@ impl Store {
         let (id, day) = (id.clone(), day.to_owned());
         let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
         self.write(move |conn, ctx| {
-            Box::pin(async move {
-                let total: i64 = sqlx::query_scalar(
+            let total: i64 = conn
+                .prepare_cached(
                     "INSERT INTO session_token_usage (session_id, day, tokens) VALUES (?, ?, ?)
                      ON CONFLICT (session_id, day) DO UPDATE SET tokens = tokens + excluded.tokens
                      RETURNING tokens",
                 )
-                .bind(id.as_str())
-                .bind(&day)
-                .bind(tokens)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(|e| ctx.sql(e))?;
-                Ok(u64::try_from(total).unwrap_or(0))
-            })
+                .and_then(|mut add| {
+                    add.query_row(rusqlite::params![id.as_str(), day, tokens], |row| {
+                        row.get(0)
+                    })
+                })
+                .map_err(|e| ctx.sqlite(e))?;
+            Ok(u64::try_from(total).unwrap_or(0))
         })
         .await
     }

@@ -42,22 +42,16 @@ impl Store {
     ) -> Result<(), MemoryError> {
         let (id, channel, title) = (id.clone(), channel.to_owned(), title.map(str::to_owned));
         self.write(move |conn, ctx| {
-            Box::pin(async move {
+            conn.prepare_cached(
+                "INSERT INTO sessions (id, channel, title, created_at, updated_at, history_version)
+                 VALUES (?, ?, ?, ?, ?, abs(random() % 4503599627370496))",
+            )
+            .and_then(|mut insert| {
                 let now = now_millis();
-                sqlx::query(
-                    "INSERT INTO sessions (id, channel, title, created_at, updated_at, history_version)
-                     VALUES (?, ?, ?, ?, ?, abs(random() % 4503599627370496))",
-                )
-                .bind(id.as_str())
-                .bind(&channel)
-                .bind(title.as_deref())
-                .bind(now)
-                .bind(now)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| ctx.sql_insert_session(e, &id))?;
-                Ok(())
+                insert.execute(rusqlite::params![id.as_str(), channel, title, now, now])
             })
+            .map_err(|e| ctx.sqlite_insert_session(e, &id))?;
+            Ok(())
         })
         .await
     }
@@ -67,22 +61,18 @@ impl Store {
     pub async fn ensure_session(&self, id: &SessionId, channel: &str) -> Result<bool, MemoryError> {
         let (id, channel) = (id.clone(), channel.to_owned());
         self.write(move |conn, ctx| {
-            Box::pin(async move {
-                let now = now_millis();
-                let done = sqlx::query(
+            let now = now_millis();
+            let inserted = conn
+                .prepare_cached(
                     "INSERT INTO sessions (id, channel, title, created_at, updated_at, history_version)
                      VALUES (?, ?, NULL, ?, ?, abs(random() % 4503599627370496))
                      ON CONFLICT (id) DO NOTHING",
                 )
-                .bind(id.as_str())
-                .bind(&channel)
-                .bind(now)
-                .bind(now)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| ctx.sql(e))?;
-                Ok(done.rows_affected() == 1)
-            })
+                .and_then(|mut insert| {
+                    insert.execute(rusqlite::params![id.as_str(), channel, now, now])
+                })
+                .map_err(|e| ctx.sqlite(e))?;
+            Ok(inserted == 1)
         })
         .await
     }
@@ -167,16 +157,11 @@ impl Store {
     ) -> Result<bool, MemoryError> {
         let (id, title) = (id.clone(), title.to_owned());
         self.write(move |conn, ctx| {
-            Box::pin(async move {
-                let done =
-                    sqlx::query("UPDATE sessions SET title = ? WHERE id = ? AND title IS NULL")
-                        .bind(&title)
-                        .bind(id.as_str())
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(|e| ctx.sql(e))?;
-                Ok(done.rows_affected() > 0)
-            })
+            let updated = conn
+                .prepare_cached("UPDATE sessions SET title = ? WHERE id = ? AND title IS NULL")
+                .and_then(|mut update| update.execute(rusqlite::params![title, id.as_str()]))
+                .map_err(|e| ctx.sqlite(e))?;
+            Ok(updated > 0)
         })
         .await
     }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::migrate::{MigrateError, Migrator};
-use sqlx::sqlite::SqliteConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -14,7 +13,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use crate::error::{ErrorContext, MemoryError, corrupt};
-use crate::writer::{DEFAULT_MAX_BATCH, WriteFuture, Writer};
+use crate::writer::{DEFAULT_MAX_BATCH, Writer};
 
 /// The schema, embedded from the workspace's `migrations/` directory.
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
@@ -121,14 +120,18 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(options.busy_timeout);
+        // No ping before handing out a connection: a SQLite connection is a
+        // file handle in this process, not a socket that can go stale, and
+        // the ping is a round trip to the connection's thread per acquire.
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
+            .test_before_acquire(false)
             .connect_with(connect)
             .await
             .map_err(|e| ctx.sql(e))?;
         let ctx = Arc::new(ctx);
         let store = Store {
-            writer: Writer::spawn(pool.clone(), ctx.clone(), options.max_batch.max(1)),
+            writer: Writer::spawn(pool.clone(), ctx.clone(), options.max_batch.max(1))?,
             pool,
             ctx,
         };
@@ -148,6 +151,7 @@ impl Store {
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            .test_before_acquire(false)
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_with(connect)
@@ -155,7 +159,7 @@ impl Store {
             .map_err(|e| ctx.sql(e))?;
         let ctx = Arc::new(ctx);
         let store = Store {
-            writer: Writer::spawn(pool.clone(), ctx.clone(), DEFAULT_MAX_BATCH),
+            writer: Writer::spawn(pool.clone(), ctx.clone(), DEFAULT_MAX_BATCH)?,
             pool,
             ctx,
         };
@@ -228,24 +232,15 @@ impl Store {
     /// timeout applies) and returns its result once that transaction is
     /// committed. An `Err` from `write` rolls back only `write`'s changes.
     ///
-    /// `write` gets the store's error context for mapping sqlx errors, and
-    /// must use only the connection it is given.
+    /// `write` runs on the writer's thread with the batch's connection (see
+    /// `writer.rs`) and gets the store's error context for mapping errors.
     pub(crate) async fn write<T, F>(&self, write: F) -> Result<T, MemoryError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection, &'c ErrorContext) -> WriteFuture<'c, T>
-            + Send
-            + 'static,
+        F: FnOnce(&rusqlite::Connection, &ErrorContext) -> Result<T, MemoryError> + Send + 'static,
     {
         let ctx = self.ctx.clone();
-        self.writer
-            .write(move |conn| {
-                Box::pin(async move {
-                    let ctx = ctx;
-                    write(conn, &ctx).await
-                })
-            })
-            .await
+        self.writer.write(move |conn| write(conn, &ctx)).await
     }
 
     /// Maps an sqlx error with this store's context.

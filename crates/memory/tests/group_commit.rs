@@ -2,6 +2,7 @@
 //! atomic on its own, a failing write does not take its neighbours down, and
 //! a write whose caller stopped waiting is still stored.
 
+use std::future::Future;
 use std::time::Duration;
 
 use openpista_memory::{AuditEntry, MemoryError, Store};
@@ -115,15 +116,16 @@ async fn a_write_whose_caller_stopped_waiting_is_still_stored() {
     let id = sid("s1");
     store.create_session(&id, "test", None).await.unwrap();
     // Polled once (which queues the write), then dropped.
-    let gone = tokio::time::timeout(
-        Duration::ZERO,
-        store.append_message(&id, &ChatMessage::user("orphan"), None),
-    )
-    .await;
-    assert!(
-        gone.is_err(),
-        "the write should not have finished in zero time"
-    );
+    let orphan = ChatMessage::user("orphan");
+    {
+        let mut write = std::pin::pin!(store.append_message(&id, &orphan, None));
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+        assert!(
+            first.is_pending(),
+            "the write should not have finished on its first poll"
+        );
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let stored = store.recent_messages(&id, 10).await.unwrap();
@@ -165,4 +167,77 @@ async fn title_is_set_once() {
     );
     let rec = store.get_session(&id).await.unwrap().unwrap();
     assert_eq!(rec.title.as_deref(), Some("first"));
+}
+
+/// The writer runs its batches on the pool's connection through its own
+/// handle; whatever a batch did, the connection goes back with no
+/// transaction open, so it neither holds the write lock nor serves reads
+/// from a stale snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_leave_no_transaction_open() {
+    use openpista_memory::StoreOptions;
+    use sqlx::Connection;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    // One connection: the writer's and every read's.
+    let store = Store::open_with(&path, &StoreOptions::default().with_max_connections(1))
+        .await
+        .unwrap();
+    let id = sid("s1");
+    store.create_session(&id, "test", None).await.unwrap();
+
+    // A write that fails alone in its batch, then a batch where some fail.
+    let err = store.create_session(&id, "test", None).await.unwrap_err();
+    assert!(matches!(err, MemoryError::SessionExists(_)), "{err:?}");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let store = store.clone();
+        let target = if i % 2 == 0 {
+            sid("missing")
+        } else {
+            id.clone()
+        };
+        tasks.spawn(async move {
+            store
+                .append_message(&target, &ChatMessage::user(format!("m{i}")), None)
+                .await
+                .is_ok()
+        });
+    }
+    let stored = tasks.join_all().await.into_iter().filter(|ok| *ok).count();
+    assert_eq!(stored, 10);
+
+    // Another process takes the write lock at once: the store holds none.
+    let mut other = SqliteConnection::connect_with(
+        &SqliteConnectOptions::new()
+            .filename(&path)
+            .busy_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .expect("the store left its write transaction open");
+    sqlx::query(
+        "INSERT INTO messages (session_id, role, content, created_at)
+                 VALUES ('s1', 'user', 'from outside', 0)",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+
+    // The store's one connection sees that commit (no stale snapshot) and
+    // still writes.
+    store
+        .append_message(&id, &ChatMessage::user("after"), None)
+        .await
+        .unwrap();
+    let all = store.recent_messages(&id, 100).await.unwrap();
+    assert_eq!(all.len(), 12, "{all:?}");
+    assert_eq!(all[10].message.content, "from outside");
+    assert_eq!(all[11].message.content, "after");
 }

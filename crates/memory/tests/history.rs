@@ -333,7 +333,7 @@ async fn a_batch_that_fails_halfway_stores_nothing() {
         .append_messages(&id, &[assistant, result])
         .await
         .unwrap_err();
-    assert!(matches!(err, MemoryError::Database { .. }), "{err:?}");
+    assert!(matches!(err, MemoryError::Write { .. }), "{err:?}");
 
     let stored = store.recent_messages(&id, 10).await.unwrap();
     assert_eq!(stored.len(), 1, "no partial turn: {stored:?}");
