@@ -13,7 +13,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use crate::error::{ErrorContext, MemoryError, corrupt};
-use crate::writer::{DEFAULT_MAX_BATCH, Writer};
+use crate::writer::{DEFAULT_MAX_BATCH, Hold, Writer};
 
 /// The schema, embedded from the workspace's `migrations/` directory.
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
@@ -119,7 +119,9 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(options.busy_timeout);
+            .busy_timeout(options.busy_timeout)
+            // Savepoint journals (one per write in a batch) stay in memory.
+            .pragma("temp_store", "memory");
         // No ping before handing out a connection: a SQLite connection is a
         // file handle in this process, not a socket that can go stale, and
         // the ping is a round trip to the connection's thread per acquire.
@@ -130,8 +132,14 @@ impl Store {
             .await
             .map_err(|e| ctx.sql(e))?;
         let ctx = Arc::new(ctx);
+        // The writer keeps a connection of its own when reads have others.
+        let hold = if options.max_connections >= 2 {
+            Hold::Keep
+        } else {
+            Hold::PerBatch
+        };
         let store = Store {
-            writer: Writer::spawn(pool.clone(), ctx.clone(), options.max_batch.max(1))?,
+            writer: Writer::spawn(pool.clone(), ctx.clone(), options.max_batch.max(1), hold)?,
             pool,
             ctx,
         };
@@ -159,7 +167,7 @@ impl Store {
             .map_err(|e| ctx.sql(e))?;
         let ctx = Arc::new(ctx);
         let store = Store {
-            writer: Writer::spawn(pool.clone(), ctx.clone(), DEFAULT_MAX_BATCH)?,
+            writer: Writer::spawn(pool.clone(), ctx.clone(), DEFAULT_MAX_BATCH, Hold::PerBatch)?,
             pool,
             ctx,
         };
@@ -189,9 +197,13 @@ impl Store {
         Ok(problems)
     }
 
-    /// Closes every connection, waiting for those in use to be returned.
-    /// Clones of this store fail with [`MemoryError::Database`] afterwards.
+    /// Stops the writer after the writes queued so far, then closes every
+    /// connection, waiting for those in use to be returned. Afterwards,
+    /// writes through any clone of this store fail with
+    /// [`MemoryError::NotStored`] and reads with [`MemoryError::Database`].
     pub async fn close(&self) {
+        // The writer first: it may keep a connection.
+        self.writer.stop().await;
         self.pool.close().await;
     }
 

@@ -42,6 +42,9 @@ const SAVEPOINT: &str = "SAVEPOINT openpista_write";
 /// Undoes one failed write of a batch, and nothing before it.
 const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO openpista_write";
 
+/// Prepared statements the writer keeps (its own and the writes').
+const STATEMENTS: usize = 64;
+
 /// Writes waiting for the writer task; senders wait when it is full.
 const QUEUE: usize = 1024;
 
@@ -54,27 +57,48 @@ type Deliver = Box<dyn FnOnce(Option<MemoryError>) + Send>;
 /// caller (its batch could not start).
 type Job = Box<dyn FnOnce(Result<&Connection, MemoryError>) -> (bool, Deliver) + Send>;
 
+/// What the writer's queue carries.
+enum Msg {
+    Write(Job),
+    /// Finish what was queued before, give the connection back, stop, and
+    /// say so.
+    Stop(oneshot::Sender<()>),
+}
+
 /// The sending side; cheap to clone with the store.
 #[derive(Debug, Clone)]
 pub(crate) struct Writer {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
     ctx: Arc<ErrorContext>,
+}
+
+/// How the writer gets its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// Keep one pool connection for the writer's whole life, locked for
+    /// direct use, with its prepared statements: no round trip at all per
+    /// batch. For file databases with more than one connection (reads use
+    /// the others).
+    Keep,
+    /// Take a connection from the pool for each batch and lock it (one
+    /// round trip per batch): for a pool of one connection, which reads
+    /// need too (such as an in-memory database).
+    PerBatch,
 }
 
 impl Writer {
     /// Starts the writer for `pool` on a thread of its own. It stops when
-    /// the last `Writer` clone is dropped.
+    /// [`Writer::stop`] is called or the last `Writer` clone is dropped.
     ///
-    /// A thread, not a task on the caller's runtime: a write is a chain of
-    /// round trips to the connection's thread (savepoint, statements), and
-    /// on a busy runtime every one of them waited behind the ready tasks
-    /// before the writer ran again, so under load a batch took several times
-    /// its work. On its own thread, the writer runs as soon as SQLite
-    /// answers.
+    /// A thread, not a task on the caller's runtime: the batch runs
+    /// synchronously on the connection (see the module docs), and on a
+    /// shared runtime it would have waited behind the ready tasks at each
+    /// step and blocked a worker while it ran.
     pub(crate) fn spawn(
         pool: SqlitePool,
         ctx: Arc<ErrorContext>,
         max_batch: usize,
+        hold: Hold,
     ) -> Result<Writer, MemoryError> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let stopped = |source| MemoryError::Database {
@@ -88,9 +112,19 @@ impl Writer {
         let task_ctx = ctx.clone();
         std::thread::Builder::new()
             .name("openpista-db-writer".into())
-            .spawn(move || runtime.block_on(run(pool, task_ctx, rx, max_batch)))
+            .spawn(move || runtime.block_on(run(pool, task_ctx, rx, max_batch, hold)))
             .map_err(stopped)?;
         Ok(Writer { tx, ctx })
+    }
+
+    /// Stops the writer after the writes queued so far, and returns once
+    /// its connection is back in the pool. Later writes fail with
+    /// [`ErrorContext::writer_stopped`].
+    pub(crate) async fn stop(&self) {
+        let (ack, stopped) = oneshot::channel();
+        if self.tx.send(Msg::Stop(ack)).await.is_ok() {
+            let _ = stopped.await;
+        }
     }
 
     /// Runs `write` on the writer's connection inside a write transaction
@@ -119,29 +153,127 @@ impl Writer {
             });
             (ok, deliver)
         });
-        if self.tx.send(job).await.is_err() {
+        if self.tx.send(Msg::Write(job)).await.is_err() {
             return Err(self.ctx.writer_stopped());
         }
         result.await.map_err(|_| self.ctx.writer_stopped())?
     }
 }
 
+/// Where a batch runs.
+enum Source<'a> {
+    Held(&'a Connection),
+    Pool(&'a SqlitePool),
+}
+
 async fn run(
     pool: SqlitePool,
     ctx: Arc<ErrorContext>,
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: mpsc::Receiver<Msg>,
     max_batch: usize,
+    hold: Hold,
 ) {
-    let mut jobs = Vec::with_capacity(max_batch);
-    while rx.recv_many(&mut jobs, max_batch).await > 0 {
-        commit_batch(&pool, &ctx, std::mem::take(&mut jobs)).await;
+    if hold == Hold::Keep {
+        match pool.acquire().await {
+            Ok(mut conn) => {
+                if let Some(stop) = keep(&mut conn, &ctx, &mut rx, max_batch).await {
+                    // Closed rather than returned: its return would be a
+                    // task on this thread's runtime, which ends now.
+                    let _ = conn.close().await;
+                    finish(rx, stop);
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "store writer: no connection to keep"),
+        }
+        // Could not keep one: take one per batch instead.
+    }
+    let stop = serve(Source::Pool(&pool), &ctx, &mut rx, max_batch).await;
+    finish(rx, stop);
+}
+
+/// Serves every batch on `conn`, locked for direct use until the writer
+/// stops. `None` if the connection could not be locked (nothing was served);
+/// otherwise how serving ended (see [`serve`]).
+async fn keep(
+    conn: &mut SqliteConnection,
+    ctx: &ErrorContext,
+    rx: &mut mpsc::Receiver<Msg>,
+    max_batch: usize,
+) -> Option<Option<oneshot::Sender<()>>> {
+    let mut handle = match conn.lock_handle().await {
+        Ok(handle) => handle,
+        Err(e) => {
+            tracing::warn!(error = %e, "store writer: could not lock a connection");
+            return None;
+        }
+    };
+    // SAFETY: as in `run_batch`; `db` is dropped before `handle`.
+    let db = match unsafe { Connection::from_handle(handle.as_raw_handle().as_ptr()) } {
+        Ok(db) => db,
+        Err(e) => {
+            tracing::warn!(error = %e, "store writer: no direct handle");
+            return None;
+        }
+    };
+    db.set_prepared_statement_cache_capacity(STATEMENTS);
+    let stop = serve(Source::Held(&db), ctx, rx, max_batch).await;
+    drop(db);
+    drop(handle);
+    Some(stop)
+}
+
+/// Stops taking writes (those still queued fail: their callers get
+/// `writer_stopped`) and acknowledges a stop request.
+fn finish(mut rx: mpsc::Receiver<Msg>, stop: Option<oneshot::Sender<()>>) {
+    rx.close();
+    drop(rx);
+    if let Some(ack) = stop {
+        let _ = ack.send(());
+    }
+}
+
+/// Runs batches until the queue closes or a stop request arrives (returned).
+async fn serve(
+    source: Source<'_>,
+    ctx: &ErrorContext,
+    rx: &mut mpsc::Receiver<Msg>,
+    max_batch: usize,
+) -> Option<oneshot::Sender<()>> {
+    let mut msgs = Vec::with_capacity(max_batch);
+    loop {
+        if rx.recv_many(&mut msgs, max_batch).await == 0 {
+            return None;
+        }
+        let mut jobs = Vec::with_capacity(msgs.len());
+        let mut stop = None;
+        for msg in msgs.drain(..) {
+            match msg {
+                Msg::Write(job) if stop.is_none() => jobs.push(job),
+                // Queued after the stop: refused like any later write.
+                Msg::Write(job) => {
+                    let (_, deliver) = job(Err(ctx.writer_stopped()));
+                    deliver(None);
+                }
+                Msg::Stop(ack) => stop = Some(ack),
+            }
+        }
+        if !jobs.is_empty() {
+            commit_batch(&source, ctx, jobs).await;
+        }
+        if stop.is_some() {
+            return stop;
+        }
     }
 }
 
 /// Runs `jobs` in one transaction and tells each caller its outcome.
-async fn commit_batch(pool: &SqlitePool, ctx: &ErrorContext, jobs: Vec<Job>) {
+async fn commit_batch(source: &Source<'_>, ctx: &ErrorContext, jobs: Vec<Job>) {
     let mut pending: Vec<(bool, Deliver)> = Vec::with_capacity(jobs.len());
-    let result = run_batch(pool, ctx, jobs, &mut pending).await;
+    let result = match source {
+        Source::Held(db) => run_on(db, ctx, jobs, &mut pending),
+        Source::Pool(pool) => run_batch(pool, ctx, jobs, &mut pending).await,
+    };
     match result {
         Ok(()) => {
             for (_, deliver) in pending {
@@ -201,15 +333,30 @@ async fn run_batch(
         Ok(db) => db,
         Err(e) => return Err((ctx.sqlite(e), jobs)),
     };
-    let result = run_jobs(&db, ctx, jobs, pending);
-    // Whatever happened, hand the connection back to sqlx with no
-    // transaction open.
-    if !db.is_autocommit() {
-        let _ = db.execute_batch("ROLLBACK");
-    }
+    let result = run_on(&db, ctx, jobs, pending);
     drop(db);
     drop(handle);
     result
+}
+
+/// [`run_jobs`], then makes sure no transaction is left open, whatever
+/// happened: the connection serves reads (sqlx) between batches.
+fn run_on(
+    db: &Connection,
+    ctx: &ErrorContext,
+    jobs: Vec<Job>,
+    pending: &mut Vec<(bool, Deliver)>,
+) -> Result<(), (MemoryError, Vec<Job>)> {
+    let result = run_jobs(db, ctx, jobs, pending);
+    if !db.is_autocommit() {
+        let _ = db.execute_batch("ROLLBACK");
+    }
+    result
+}
+
+/// Runs one of the writer's fixed statements (cached).
+fn exec(db: &Connection, sql: &str) -> rusqlite::Result<()> {
+    db.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 /// `BEGIN IMMEDIATE`, the writes, `COMMIT`: all on the writer's thread.
@@ -219,7 +366,7 @@ fn run_jobs(
     jobs: Vec<Job>,
     pending: &mut Vec<(bool, Deliver)>,
 ) -> Result<(), (MemoryError, Vec<Job>)> {
-    if let Err(e) = db.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = exec(db, "BEGIN IMMEDIATE") {
         return Err((ctx.sqlite(e), jobs));
     }
     let single = jobs.len() == 1;
@@ -230,7 +377,7 @@ fn run_jobs(
             let (ok, deliver) = job(Ok(db));
             pending.push((ok, deliver));
             if !ok {
-                let _ = db.execute_batch("ROLLBACK");
+                let _ = exec(db, "ROLLBACK");
                 return Ok(());
             }
             continue;
@@ -240,15 +387,14 @@ fn run_jobs(
         // the stack, the next write's nests inside it, and `COMMIT` commits
         // them all. `ROLLBACK TO` goes back to the newest savepoint of that
         // name, which is this write's.
-        if let Err(e) = db.execute_batch(SAVEPOINT) {
+        if let Err(e) = exec(db, SAVEPOINT) {
             return Err((ctx.sqlite(e), jobs.collect()));
         }
         let (ok, deliver) = job(Ok(db));
         pending.push((ok, deliver));
-        if !ok && let Err(e) = db.execute_batch(ROLLBACK_TO_SAVEPOINT) {
+        if !ok && let Err(e) = exec(db, ROLLBACK_TO_SAVEPOINT) {
             return Err((ctx.sqlite(e), jobs.collect()));
         }
     }
-    db.execute_batch("COMMIT")
-        .map_err(|e| (ctx.sqlite(e), Vec::new()))
+    exec(db, "COMMIT").map_err(|e| (ctx.sqlite(e), Vec::new()))
 }

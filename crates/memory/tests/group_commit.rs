@@ -169,22 +169,32 @@ async fn title_is_set_once() {
     assert_eq!(rec.title.as_deref(), Some("first"));
 }
 
-/// The writer runs its batches on the pool's connection through its own
-/// handle; whatever a batch did, the connection goes back with no
-/// transaction open, so it neither holds the write lock nor serves reads
-/// from a stale snapshot.
+/// The writer runs its batches on a pool connection through its own handle;
+/// whatever a batch did, no transaction stays open after it, so the store
+/// neither holds the write lock between batches nor serves reads from a
+/// stale snapshot. Both ways the writer gets its connection: kept for its
+/// life (a pool of several), lent per batch (a pool of one, shared with
+/// reads).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_writes_leave_no_transaction_open() {
+    for connections in [1, 4] {
+        failed_writes_leave_no_transaction_open_with(connections).await;
+    }
+}
+
+async fn failed_writes_leave_no_transaction_open_with(connections: u32) {
     use openpista_memory::StoreOptions;
     use sqlx::Connection;
     use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.sqlite");
-    // One connection: the writer's and every read's.
-    let store = Store::open_with(&path, &StoreOptions::default().with_max_connections(1))
-        .await
-        .unwrap();
+    let store = Store::open_with(
+        &path,
+        &StoreOptions::default().with_max_connections(connections),
+    )
+    .await
+    .unwrap();
     let id = sid("s1");
     store.create_session(&id, "test", None).await.unwrap();
 
@@ -240,4 +250,12 @@ async fn failed_writes_leave_no_transaction_open() {
     assert_eq!(all.len(), 12, "{all:?}");
     assert_eq!(all[10].message.content, "from outside");
     assert_eq!(all[11].message.content, "after");
+
+    // Closing stops the writer and gives its connection back: close returns.
+    store.close().await;
+    let err = store
+        .append_message(&id, &ChatMessage::user("too late"), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("closed"), "{err}");
 }
