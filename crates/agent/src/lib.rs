@@ -24,7 +24,7 @@ pub mod quota;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -36,7 +36,7 @@ use openpista_memory::{
 };
 use openpista_proto::wire::Decision;
 use openpista_proto::{
-    AgentEvent, ChatMessage, ErrorCode, MessageId, SessionId, ToolOutcome, Usage,
+    AgentEvent, ChatMessage, ErrorCode, MessageId, SessionId, ToolDefinition, ToolOutcome, Usage,
 };
 use openpista_tools::{ToolContext, ToolRegistry};
 use serde::Deserialize;
@@ -156,6 +156,11 @@ struct Shared {
     skills_context: String,
     approvals: Approvals,
     broker: Arc<ApprovalBroker>,
+    /// The tools' definitions, offered to the model in every round: built
+    /// once (the registry does not change), shared by every request.
+    tool_defs: Arc<[ToolDefinition]>,
+    /// What those definitions cost in the model's tokens, counted once.
+    tool_tokens: OnceLock<usize>,
 }
 
 /// Builds and caches sessions. Cheap to clone.
@@ -200,6 +205,8 @@ impl Agent {
             shared: Arc::new(Shared {
                 approvals,
                 broker,
+                tool_defs: parts.tools.definitions().into(),
+                tool_tokens: OnceLock::new(),
                 llm: parts.llm,
                 tools: parts.tools,
                 store: parts.store,
@@ -490,7 +497,16 @@ impl AgentSession {
 
         let mut usage = Usage::default();
         let mut tool_calls = 0u32;
-        let tool_defs = sh.tools.definitions();
+        let tool_defs = &sh.tool_defs;
+        let tool_tokens = *sh.tool_tokens.get_or_init(|| {
+            tool_defs
+                .iter()
+                .map(|t| {
+                    sh.llm.count_tokens(&t.parameters.to_string())
+                        + sh.llm.count_tokens(&t.description)
+                })
+                .sum()
+        });
         let system = self.system_prompt();
         let window = sh
             .llm
@@ -502,13 +518,6 @@ impl AgentSession {
                 return Err(AgentError::Cancelled);
             }
             let history = repair_history(self.recent_history().await?);
-            let tool_tokens: usize = tool_defs
-                .iter()
-                .map(|t| {
-                    sh.llm.count_tokens(&t.parameters.to_string())
-                        + sh.llm.count_tokens(&t.description)
-                })
-                .sum();
             let budget = window
                 .saturating_sub(sh.config.reply_reserve_tokens as usize)
                 .saturating_sub(sh.llm.count_tokens(&system))

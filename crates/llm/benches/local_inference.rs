@@ -79,7 +79,7 @@ fn main() {
     let provider = LocalProvider::load(&path, cfg, |_| true).expect("model loads");
     let request = ChatRequest {
         messages: vec![ChatMessage::system(SYSTEM), ChatMessage::user(USER)],
-        tools: Vec::new(),
+        tools: Default::default(),
         tool_choice: ToolChoice::None,
         sampling: Sampling {
             temperature: Some(0.0),

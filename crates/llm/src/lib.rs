@@ -51,7 +51,8 @@ pub struct Sampling {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
-    pub tools: Vec<ToolDefinition>,
+    /// Shared, not copied: an agent offers the same tools in every round.
+    pub tools: std::sync::Arc<[ToolDefinition]>,
     pub tool_choice: ToolChoice,
     pub sampling: Sampling,
 }

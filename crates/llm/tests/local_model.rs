@@ -106,7 +106,7 @@ async fn required_tool_choice_yields_a_schema_valid_call() {
                 ChatMessage::system("You are a helpful assistant."),
                 ChatMessage::user(prompt),
             ],
-            tools: tools.clone(),
+            tools: tools.clone().into(),
             tool_choice: ToolChoice::Required,
             sampling: Sampling {
                 temperature: Some(0.8),

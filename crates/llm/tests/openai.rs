@@ -138,7 +138,7 @@ async fn streamed_tool_call_deltas_assemble_into_two_calls() {
     .unwrap();
     let p = provider(&fake);
     let request = ChatRequest {
-        tools: vec![tool("file.read"), tool("system.run")],
+        tools: vec![tool("file.read"), tool("system.run")].into(),
         ..ask("what machine is this?")
     };
 
@@ -190,7 +190,7 @@ async fn tool_round_history_is_sent_in_wire_form() {
             ),
             ChatMessage::tool_result("call_7", "file.read", "host42"),
         ],
-        tools: vec![tool("file.read")],
+        tools: vec![tool("file.read")].into(),
         tool_choice: ToolChoice::None,
         ..Default::default()
     };
@@ -345,7 +345,7 @@ async fn malformed_tool_calls_pass_through() {
     .await
     .unwrap();
     let request = ChatRequest {
-        tools: vec![tool("file.read"), tool("system.run")],
+        tools: vec![tool("file.read"), tool("system.run")].into(),
         ..ask("go")
     };
     let c = provider(&fake).complete(request).await.unwrap();

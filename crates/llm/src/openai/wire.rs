@@ -386,11 +386,11 @@ mod tests {
                 ),
                 ChatMessage::tool_result("c1", "system.run", "error: bad arguments"),
             ],
-            tools: vec![ToolDefinition {
+            tools: std::sync::Arc::from([ToolDefinition {
                 name: "system.run".into(),
                 description: "run".into(),
                 parameters: serde_json::json!({"type": "object"}),
-            }],
+            }]),
             tool_choice: ToolChoice::Required,
             ..Default::default()
         };
