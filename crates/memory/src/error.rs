@@ -196,22 +196,29 @@ impl ErrorContext {
                 .map(|code| code & 0xff),
             _ => None,
         };
-        match primary {
-            Some(SQLITE_BUSY | SQLITE_LOCKED) => MemoryError::Locked {
-                path: self.path.clone(),
-                waited: self.busy_timeout,
-            },
-            Some(SQLITE_NOTADB) => MemoryError::NotADatabase {
-                path: self.path.clone(),
-            },
-            Some(SQLITE_CORRUPT) => MemoryError::DatabaseCorrupt {
-                path: self.path.clone(),
-                message: err.to_string(),
-            },
-            _ => MemoryError::Database {
+        self.by_code(primary, &err)
+            .unwrap_or(MemoryError::Database {
                 path: self.path.clone(),
                 source: err,
-            },
+            })
+    }
+
+    /// The variant for SQLite primary result codes we tell apart: a lock
+    /// held too long, a file that is not a database, a corrupt one.
+    fn by_code(&self, primary: Option<i32>, err: &dyn std::fmt::Display) -> Option<MemoryError> {
+        match primary {
+            Some(SQLITE_BUSY | SQLITE_LOCKED) => Some(MemoryError::Locked {
+                path: self.path.clone(),
+                waited: self.busy_timeout,
+            }),
+            Some(SQLITE_NOTADB) => Some(MemoryError::NotADatabase {
+                path: self.path.clone(),
+            }),
+            Some(SQLITE_CORRUPT) => Some(MemoryError::DatabaseCorrupt {
+                path: self.path.clone(),
+                message: err.to_string(),
+            }),
+            _ => None,
         }
     }
 
@@ -222,23 +229,10 @@ impl ErrorContext {
             rusqlite::Error::SqliteFailure(e, _) => Some(e.extended_code & 0xff),
             _ => None,
         };
-        match primary {
-            Some(SQLITE_BUSY | SQLITE_LOCKED) => MemoryError::Locked {
-                path: self.path.clone(),
-                waited: self.busy_timeout,
-            },
-            Some(SQLITE_NOTADB) => MemoryError::NotADatabase {
-                path: self.path.clone(),
-            },
-            Some(SQLITE_CORRUPT) => MemoryError::DatabaseCorrupt {
-                path: self.path.clone(),
-                message: err.to_string(),
-            },
-            _ => MemoryError::Write {
-                path: self.path.clone(),
-                source: err,
-            },
-        }
+        self.by_code(primary, &err).unwrap_or(MemoryError::Write {
+            path: self.path.clone(),
+            source: err,
+        })
     }
 
     /// The same failure again, for the next caller of a failed batch (the
