@@ -255,11 +255,14 @@ impl ErrorContext {
         }
     }
 
-    /// The writer task is gone (store closed or runtime shut down).
+    /// The writer is gone (store closed), or dropped this write's answer
+    /// (it panicked).
     pub(crate) fn writer_stopped(&self) -> MemoryError {
         MemoryError::NotStored {
             path: self.path.clone(),
-            message: "the write was not stored: the store is closed".into(),
+            message: "the write was not stored: the store is closed, or the write failed \
+                      unexpectedly (see the log)"
+                .into(),
         }
     }
 

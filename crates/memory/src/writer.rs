@@ -354,6 +354,20 @@ fn run_on(
     result
 }
 
+/// Runs one write. A write that panics counts as failed (rolled back like
+/// any failed write) instead of taking the writer thread, and every later
+/// write, down with it; its caller, whose answer channel went with the
+/// panic, gets [`ErrorContext::writer_stopped`].
+fn run_job(job: Job, db: &Connection) -> (bool, Deliver) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(db)))) {
+        Ok(done) => done,
+        Err(_) => {
+            tracing::error!("a store write panicked; it was rolled back");
+            (false, Box::new(|_| {}))
+        }
+    }
+}
+
 /// Runs one of the writer's fixed statements (cached).
 fn exec(db: &Connection, sql: &str) -> rusqlite::Result<()> {
     db.prepare_cached(sql)?.execute([]).map(|_| ())
@@ -374,7 +388,7 @@ fn run_jobs(
     while let Some(job) = jobs.next() {
         if single {
             // No savepoint needed: a failure rolls the whole transaction back.
-            let (ok, deliver) = job(Ok(db));
+            let (ok, deliver) = run_job(job, db);
             pending.push((ok, deliver));
             if !ok {
                 let _ = exec(db, "ROLLBACK");
@@ -390,7 +404,7 @@ fn run_jobs(
         if let Err(e) = exec(db, SAVEPOINT) {
             return Err((ctx.sqlite(e), jobs.collect()));
         }
-        let (ok, deliver) = job(Ok(db));
+        let (ok, deliver) = run_job(job, db);
         pending.push((ok, deliver));
         if !ok && let Err(e) = exec(db, ROLLBACK_TO_SAVEPOINT) {
             return Err((ctx.sqlite(e), jobs.collect()));

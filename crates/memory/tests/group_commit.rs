@@ -259,3 +259,31 @@ async fn failed_writes_leave_no_transaction_open_with(connections: u32) {
         .unwrap_err();
     assert!(err.to_string().contains("closed"), "{err}");
 }
+
+/// Caller code that runs inside a write (here the audit entry builder) and
+/// panics loses that write only: nothing of it is stored, its caller gets an
+/// error, and the store goes on writing.
+#[tokio::test]
+async fn a_write_that_panics_is_rolled_back_and_the_store_goes_on() {
+    let (_dir, store) = file_store().await;
+    let id = sid("s1");
+    store.create_session(&id, "test", None).await.unwrap();
+    let audit_before = store.audit(100, None).await.unwrap().len();
+
+    let lost = ChatMessage::user("lost");
+    let err = store
+        .append_messages_audited(&id, &[(&lost, None)], |_| panic!("audit builder bug"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MemoryError::NotStored { .. }), "{err:?}");
+    assert!(store.recent_messages(&id, 10).await.unwrap().is_empty());
+    assert_eq!(store.audit(100, None).await.unwrap().len(), audit_before);
+
+    store
+        .append_message(&id, &ChatMessage::user("kept"), None)
+        .await
+        .unwrap();
+    let stored = store.recent_messages(&id, 10).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].message.content, "kept");
+}
