@@ -176,7 +176,7 @@ impl EncodedAudit {
                 head.query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
                     .optional()
             })
-            .map_err(|e| ctx.sqlite(e))?;
+            .map_err(|e| ctx.sqlite_row(e, "audit_head", &1))?;
         let (head_seq, prev_hash) = head.ok_or(MemoryError::AuditHeadMissing)?;
         let seq = head_seq
             .checked_add(1)

@@ -255,6 +255,33 @@ impl ErrorContext {
         }
     }
 
+    /// SQLite rolled a whole batch back on one write's error (it does so on
+    /// a full disk or an I/O error): the others' writes were lost with it.
+    pub(crate) fn rolled_back(&self) -> MemoryError {
+        MemoryError::NotStored {
+            path: self.path.clone(),
+            message: "the write was not stored: SQLite rolled back the transaction it shared \
+                      with a failing write (a full disk or an I/O error?)"
+                .into(),
+        }
+    }
+
+    /// Like [`ErrorContext::sqlite`], but a value that cannot be read as
+    /// its type is a corrupt row of `table`.
+    pub(crate) fn sqlite_row(
+        &self,
+        err: rusqlite::Error,
+        table: &'static str,
+        key: &dyn std::fmt::Display,
+    ) -> MemoryError {
+        match err {
+            rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..) => corrupt(table, key, err),
+            err => self.sqlite(err),
+        }
+    }
+
     /// The writer is gone (store closed), or dropped this write's answer
     /// (it panicked).
     pub(crate) fn writer_stopped(&self) -> MemoryError {

@@ -64,6 +64,7 @@ impl Store {
     /// Like [`Store::append_messages_with_usage`], and in the same transaction
     /// appends the audit entry that `audit` makes from the new messages' ids:
     /// the messages and their audit row are stored together or not at all.
+    /// `audit` runs inside the write transaction (see [`AuditFn`]).
     /// Returns the messages' ids and the audit row's `seq`.
     pub async fn append_messages_audited<A>(
         &self,
@@ -204,6 +205,10 @@ const RECENT_MESSAGES: &str = "SELECT * FROM (
      ) ORDER BY id ASC";
 
 /// Makes the audit entry of an append from the new messages' ids.
+///
+/// It runs on the store's writer thread, inside the write transaction that
+/// holds the database's write lock: it must be quick, must not block, and
+/// must not use the store (that would wait for itself).
 pub type AuditFn = Box<dyn FnOnce(&[MessageId]) -> AuditEntry + Send>;
 
 /// What [`Store::append_turn`] stored.
@@ -276,7 +281,7 @@ fn insert_messages(
                 })
                 .optional()
         })
-        .map_err(|e| ctx.sqlite(e))?;
+        .map_err(|e| ctx.sqlite_row(e, "sessions", session_id))?;
     let version = match touched {
         None => return Err(MemoryError::SessionNotFound(session_id.clone())),
         // The caller's savepoint rolls this update back.

@@ -139,7 +139,8 @@ impl Store {
             Hold::PerBatch
         };
         let store = Store {
-            writer: Writer::spawn(pool.clone(), ctx.clone(), options.max_batch.max(1), hold)?,
+            writer: Writer::spawn(pool.clone(), ctx.clone(), options.max_batch.max(1), hold)
+                .await?,
             pool,
             ctx,
         };
@@ -167,7 +168,8 @@ impl Store {
             .map_err(|e| ctx.sql(e))?;
         let ctx = Arc::new(ctx);
         let store = Store {
-            writer: Writer::spawn(pool.clone(), ctx.clone(), DEFAULT_MAX_BATCH, Hold::PerBatch)?,
+            writer: Writer::spawn(pool.clone(), ctx.clone(), DEFAULT_MAX_BATCH, Hold::PerBatch)
+                .await?,
             pool,
             ctx,
         };

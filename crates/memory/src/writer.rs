@@ -12,8 +12,9 @@
 //! Isolation between writes of one batch: a write that fails is rolled back to
 //! its savepoint and reported to its caller alone; the others commit. A failed
 //! commit is reported to every caller of the batch (none of it was stored).
-//! The writer task never runs caller code other than the write itself, and a
-//! caller that stops waiting (its future dropped) does not stop its write.
+//! The writer runs no caller code but the write itself (and the audit entry
+//! builder an audited append is given), and a caller that stops waiting (its
+//! future dropped) does not stop its write.
 //!
 //! How a batch reaches SQLite: sqlx runs each statement on the connection's
 //! own thread and hands the result back, a round trip that costs 60-80 µs on
@@ -94,7 +95,7 @@ impl Writer {
     /// synchronously on the connection (see the module docs), and on a
     /// shared runtime it would have waited behind the ready tasks at each
     /// step and blocked a worker while it ran.
-    pub(crate) fn spawn(
+    pub(crate) async fn spawn(
         pool: SqlitePool,
         ctx: Arc<ErrorContext>,
         max_batch: usize,
@@ -105,16 +106,32 @@ impl Writer {
             path: ctx.path.clone(),
             source: sqlx::Error::Io(source),
         };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(stopped)?;
+        // The runtime is built on the new thread (and dropped there): a
+        // runtime must not be dropped inside the caller's async context.
+        let (started, running) = oneshot::channel();
         let task_ctx = ctx.clone();
         std::thread::Builder::new()
             .name("openpista-db-writer".into())
-            .spawn(move || runtime.block_on(run(pool, task_ctx, rx, max_batch, hold)))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(()));
+                runtime.block_on(run(pool, task_ctx, rx, max_batch, hold));
+            })
             .map_err(stopped)?;
-        Ok(Writer { tx, ctx })
+        match running.await {
+            Ok(Ok(())) => Ok(Writer { tx, ctx }),
+            Ok(Err(e)) => Err(stopped(e)),
+            Err(_) => Err(ctx.writer_stopped()),
+        }
     }
 
     /// Stops the writer after the writes queued so far, and returns once
@@ -200,7 +217,7 @@ async fn keep(
     ctx: &ErrorContext,
     rx: &mut mpsc::Receiver<Msg>,
     max_batch: usize,
-) -> Option<Option<oneshot::Sender<()>>> {
+) -> Option<Vec<oneshot::Sender<()>>> {
     let mut handle = match conn.lock_handle().await {
         Ok(handle) => handle,
         Err(e) => {
@@ -224,44 +241,44 @@ async fn keep(
 }
 
 /// Stops taking writes (those still queued fail: their callers get
-/// `writer_stopped`) and acknowledges a stop request.
-fn finish(mut rx: mpsc::Receiver<Msg>, stop: Option<oneshot::Sender<()>>) {
+/// `writer_stopped`) and acknowledges the stop requests.
+fn finish(mut rx: mpsc::Receiver<Msg>, stop: Vec<oneshot::Sender<()>>) {
     rx.close();
     drop(rx);
-    if let Some(ack) = stop {
+    for ack in stop {
         let _ = ack.send(());
     }
 }
 
-/// Runs batches until the queue closes or a stop request arrives (returned).
+/// Runs batches until the queue closes or stop requests arrive (returned).
 async fn serve(
     source: Source<'_>,
     ctx: &ErrorContext,
     rx: &mut mpsc::Receiver<Msg>,
     max_batch: usize,
-) -> Option<oneshot::Sender<()>> {
+) -> Vec<oneshot::Sender<()>> {
     let mut msgs = Vec::with_capacity(max_batch);
     loop {
         if rx.recv_many(&mut msgs, max_batch).await == 0 {
-            return None;
+            return Vec::new();
         }
         let mut jobs = Vec::with_capacity(msgs.len());
-        let mut stop = None;
+        let mut stop = Vec::new();
         for msg in msgs.drain(..) {
             match msg {
-                Msg::Write(job) if stop.is_none() => jobs.push(job),
+                Msg::Write(job) if stop.is_empty() => jobs.push(job),
                 // Queued after the stop: refused like any later write.
                 Msg::Write(job) => {
                     let (_, deliver) = job(Err(ctx.writer_stopped()));
                     deliver(None);
                 }
-                Msg::Stop(ack) => stop = Some(ack),
+                Msg::Stop(ack) => stop.push(ack),
             }
         }
         if !jobs.is_empty() {
             commit_batch(&source, ctx, jobs).await;
         }
-        if stop.is_some() {
+        if !stop.is_empty() {
             return stop;
         }
     }
@@ -319,7 +336,6 @@ async fn run_batch(
         Ok(conn) => conn,
         Err(e) => return Err((ctx.sql(e), jobs)),
     };
-    let conn: &mut SqliteConnection = &mut conn;
     let mut handle = match conn.lock_handle().await {
         Ok(handle) => handle,
         Err(e) => return Err((ctx.sql(e), jobs)),
@@ -334,8 +350,13 @@ async fn run_batch(
         Err(e) => return Err((ctx.sqlite(e), jobs)),
     };
     let result = run_on(&db, ctx, jobs, pending);
+    let clean = db.is_autocommit();
     drop(db);
     drop(handle);
+    if !clean {
+        // Still in a transaction (its ROLLBACK failed): never lend it again.
+        conn.close_on_drop();
+    }
     result
 }
 
@@ -380,6 +401,10 @@ fn run_jobs(
     jobs: Vec<Job>,
     pending: &mut Vec<(bool, Deliver)>,
 ) -> Result<(), (MemoryError, Vec<Job>)> {
+    if !db.is_autocommit() {
+        // A transaction left over (a ROLLBACK that failed before): end it.
+        let _ = exec(db, "ROLLBACK");
+    }
     if let Err(e) = exec(db, "BEGIN IMMEDIATE") {
         return Err((ctx.sqlite(e), jobs));
     }
@@ -402,13 +427,22 @@ fn run_jobs(
         // them all. `ROLLBACK TO` goes back to the newest savepoint of that
         // name, which is this write's.
         if let Err(e) = exec(db, SAVEPOINT) {
-            return Err((ctx.sqlite(e), jobs.collect()));
+            return Err((ctx.sqlite(e), std::iter::once(job).chain(jobs).collect()));
         }
         let (ok, deliver) = run_job(job, db);
         pending.push((ok, deliver));
+        if db.is_autocommit() {
+            // SQLite itself rolled the whole transaction back on this
+            // write's error (a full disk, an I/O error): the writes before
+            // it are gone too.
+            return Err((ctx.rolled_back(), jobs.collect()));
+        }
         if !ok && let Err(e) = exec(db, ROLLBACK_TO_SAVEPOINT) {
             return Err((ctx.sqlite(e), jobs.collect()));
         }
+    }
+    if db.is_autocommit() {
+        return Err((ctx.rolled_back(), Vec::new()));
     }
     exec(db, "COMMIT").map_err(|e| (ctx.sqlite(e), Vec::new()))
 }

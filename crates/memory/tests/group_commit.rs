@@ -287,3 +287,72 @@ async fn a_write_that_panics_is_rolled_back_and_the_store_goes_on() {
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].message.content, "kept");
 }
+
+/// A write whose error makes SQLite roll back the whole transaction (here a
+/// trigger's `RAISE(ROLLBACK)`, as a full disk or an I/O error can) takes
+/// the writes batched with it along: none of them may be acknowledged.
+/// Every write that returned Ok is in the database, every other one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_that_rolls_back_the_transaction_takes_no_acknowledged_write_with_it() {
+    use sqlx::Connection;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+
+    let (dir, store) = file_store().await;
+    let id = sid("s1");
+    store.create_session(&id, "test", None).await.unwrap();
+    let mut raw = SqliteConnection::connect_with(
+        &SqliteConnectOptions::new().filename(dir.path().join("db.sqlite")),
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER everything_goes BEFORE INSERT ON messages
+         WHEN NEW.content LIKE 'rollback%'
+         BEGIN SELECT RAISE(ROLLBACK, 'the whole transaction goes'); END",
+    )
+    .execute(&mut raw)
+    .await
+    .unwrap();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..120 {
+        let store = store.clone();
+        let id = id.clone();
+        tasks.spawn(async move {
+            let text = if i % 10 == 5 {
+                format!("rollback {i}")
+            } else {
+                format!("m{i}")
+            };
+            let ok = store
+                .append_message(&id, &ChatMessage::user(text.clone()), None)
+                .await
+                .is_ok();
+            (text, ok)
+        });
+    }
+    let results = tasks.join_all().await;
+    let stored: std::collections::HashSet<String> = store
+        .recent_messages(&id, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message.content)
+        .collect();
+    for (text, ok) in &results {
+        assert_eq!(
+            stored.contains(text),
+            *ok,
+            "{text}: acknowledged {ok}, stored {}",
+            stored.contains(text)
+        );
+        if text.starts_with("rollback") {
+            assert!(!ok, "{text} was acknowledged");
+        }
+    }
+    // The store goes on writing afterwards.
+    store
+        .append_message(&id, &ChatMessage::user("after"), None)
+        .await
+        .unwrap();
+}
