@@ -390,7 +390,7 @@ pub(crate) fn check_args(skill: &Skill, args: &Value) -> Result<(), ToolError> {
         .iter_errors(args)
         .take(5)
         .map(|e| {
-            let path = e.instance_path.to_string();
+            let path = e.instance_path().to_string();
             if path.is_empty() {
                 e.to_string()
             } else {

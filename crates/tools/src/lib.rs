@@ -282,7 +282,7 @@ impl ToolRegistry {
             .iter_errors(&args)
             .take(5)
             .map(|e| {
-                let path = e.instance_path.to_string();
+                let path = e.instance_path().to_string();
                 if path.is_empty() {
                     e.to_string()
                 } else {
