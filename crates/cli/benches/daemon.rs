@@ -2,7 +2,9 @@
 //! memory once it idles, next to `openpista --version` (process start, clap,
 //! exit) as the floor of the same binary.
 //!
-//! `cargo bench -p openpista-cli --bench daemon` starts `openpista start`
+//! `cargo bench -p openpista-cli --bench daemon --profile release` (the release
+//! profile, so that the binary measured is the one `cargo build --release`
+//! makes, with the same symbol names; see `startup-order.txt`) starts `openpista start`
 //! (scripted provider, no local model, a token made by `init`, port 0 on
 //! loopback) in turns with `--version` and prints, as medians:
 //! - ready: spawn to the `listening on` line on stdout;
@@ -12,6 +14,11 @@
 //! - the ratio idle RSS / peak RSS of `--version` (per round, then the median);
 //! - `VmRSS` again after five turns sent over QUIC by `openpista run --remote`
 //!   (one client process each) and two more seconds of rest.
+//!
+//! It also prints how many of the functions in `startup-order.txt` the binary
+//! has under those names: the linker places them together, and a list
+//! recorded from another build (another profile or toolchain) matches little,
+//! which shows up here before it shows in the RSS.
 //!
 //! The first start generates the TLS certificate; it is shown on its own line.
 //! Every start ends with SIGTERM and must exit 0. Without `--bench` (e.g.
@@ -50,6 +57,7 @@ fn main() {
     run_to_end(exe, home.path(), &["init"]);
 
     println!("binary {}", exe.display());
+    println!("{}", order_coverage(exe));
     println!(
         "{} ({rounds} interleaved round(s) after the first start)",
         if bench { "bench" } else { "smoke run" }
@@ -250,6 +258,27 @@ fn run_to_end(exe: &Path, home: &Path, args: &[&str]) -> u64 {
     let err = std::fs::read_to_string(home.join("run.stderr")).unwrap_or_default();
     assert!(ok, "openpista {args:?} failed ({status:#x}):\n{err}");
     usage.ru_maxrss as u64
+}
+
+/// How many names of `startup-order.txt` are functions of `exe` (`nm`).
+fn order_coverage(exe: &Path) -> String {
+    let list = Path::new(env!("CARGO_MANIFEST_DIR")).join("startup-order.txt");
+    let Ok(list) = std::fs::read_to_string(&list) else {
+        return "startup order: no startup-order.txt".into();
+    };
+    let nm = match Command::new("nm").arg("--defined-only").arg(exe).output() {
+        Ok(out) if out.status.success() => out.stdout,
+        _ => return "startup order: coverage unknown (`nm` failed; stripped binary?)".into(),
+    };
+    let nm = String::from_utf8_lossy(&nm);
+    let defined: std::collections::HashSet<&str> =
+        nm.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+    let names: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
+    let found = names.iter().filter(|n| defined.contains(*n)).count();
+    format!(
+        "startup order: {found} of {} listed functions found in the binary",
+        names.len()
+    )
 }
 
 fn ms(d: Duration) -> f64 {
