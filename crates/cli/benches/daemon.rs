@@ -82,16 +82,27 @@ fn main() {
     }
 
     let ready = median(daemons.iter().map(|s| ms(s.ready)).collect());
-    println!("ready (spawn to `listening on`): median {ready:.1} ms (target < {TARGET_READY_MS} ms)");
+    println!(
+        "ready (spawn to `listening on`): median {ready:.1} ms (target < {TARGET_READY_MS} ms)"
+    );
     println!("{:<34} {:>10}", "idle RSS, median", "KiB");
     for key in [
-        "VmRSS", "RssAnon", "RssFile", "binary", "libraries", "heap", "stacks+other",
+        "VmRSS",
+        "RssAnon",
+        "RssFile",
+        "binary",
+        "libraries",
+        "heap",
+        "stacks+other",
     ] {
         let v = median(daemons.iter().map(|s| s.kib[key] as f64).collect());
         println!("  {key:<32} {v:>10.0}");
     }
     let after = median(daemons.iter().map(|s| s.after_turns_kib as f64).collect());
-    println!("  {:<32} {after:>10.0}", format!("VmRSS after {TURNS} turns"));
+    println!(
+        "  {:<32} {after:>10.0}",
+        format!("VmRSS after {TURNS} turns")
+    );
     let version = median(versions.iter().map(|&k| k as f64).collect());
     println!("  {:<32} {version:>10.0}", "--version peak RSS");
     let ratio = median(
@@ -132,11 +143,19 @@ fn daemon(exe: &Path, home: &Path) -> Sample {
     let addr = loop {
         let mut line = String::new();
         if out.read_line(&mut line).unwrap() == 0 {
-            fail(&mut child, home, &format!("exited before listening:\n{seen}"));
+            fail(
+                &mut child,
+                home,
+                &format!("exited before listening:\n{seen}"),
+            );
         }
         seen.push_str(&line);
         if let Some((_, rest)) = line.split_once(" listening on ") {
-            break rest.split_whitespace().next().unwrap_or_default().to_owned();
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
         }
     };
     let ready = start.elapsed();
@@ -271,8 +290,10 @@ fn order_coverage(exe: &Path) -> String {
         _ => return "startup order: coverage unknown (`nm` failed; stripped binary?)".into(),
     };
     let nm = String::from_utf8_lossy(&nm);
-    let defined: std::collections::HashSet<&str> =
-        nm.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+    let defined: std::collections::HashSet<&str> = nm
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
     let names: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
     let found = names.iter().filter(|n| defined.contains(*n)).count();
     format!(
