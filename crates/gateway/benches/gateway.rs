@@ -305,7 +305,9 @@ fn main() -> anyhow::Result<()> {
         "  peak RSS {} KiB (whole process: server, clients and SQLite in one process)",
         peak_rss_kib()
     );
-    println!("  daemon idle RSS / ready time: measured outside this bench (docs/BENCHMARKS.md)");
+    println!(
+        "  daemon idle RSS / ready time: cargo bench -p openpista-cli --bench daemon --profile release"
+    );
     if lost {
         bail!("messages were lost");
     }

@@ -112,13 +112,16 @@ pub fn desktop_tools(cfg: DesktopConfig, _env: DesktopEnv) -> Vec<Arc<dyn Tool>>
 
 /// At most `max` events in any window of `window`: a sliding log of the
 /// recent events' times.
+/// Only the desktop tools use it; its unit test runs without the feature too.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "desktop"), allow(dead_code))]
 pub(crate) struct RateLimit {
     max: u32,
     window: Duration,
     recent: Mutex<VecDeque<Instant>>,
 }
 
+#[cfg_attr(not(feature = "desktop"), allow(dead_code))]
 impl RateLimit {
     pub(crate) fn per_minute(max: u32) -> Self {
         Self {
