@@ -24,6 +24,9 @@
 //! Every start ends with SIGTERM and must exit 0. Without `--bench` (e.g.
 //! `cargo test --benches`) it does one round as a smoke test.
 
+mod common;
+
+use common::median;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -264,19 +267,10 @@ fn run_to_end(exe: &Path, home: &Path, args: &[&str]) -> u64 {
         .stderr(File::create(home.join("run.stderr")).unwrap())
         .spawn()
         .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our own child, not yet reaped (dropping a std Child
-    // neither waits nor kills).
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
-    drop(child);
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let (ok, status, max_rss_kib) = common::reap(child);
     let err = std::fs::read_to_string(home.join("run.stderr")).unwrap_or_default();
     assert!(ok, "openpista {args:?} failed ({status:#x}):\n{err}");
-    usage.ru_maxrss as u64
+    max_rss_kib as u64
 }
 
 /// How many names of `startup-order.txt` are functions of `exe` (`nm`).
@@ -304,14 +298,4 @@ fn order_coverage(exe: &Path) -> String {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let mid = xs.len() / 2;
-    if xs.len() % 2 == 1 {
-        xs[mid]
-    } else {
-        (xs[mid - 1] + xs[mid]) / 2.0
-    }
 }

@@ -7,6 +7,9 @@
 //! the ratio run/--version (the median of the per-round ratios). Without `--bench` (e.g. `cargo test --benches`) it
 //! does two rounds as a smoke test.
 
+mod common;
+
+use common::median;
 use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -92,36 +95,14 @@ fn measure(exe: &Path, home: &Path, args: &[&str]) -> Sample {
         .stderr(File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our own child, not yet reaped (`child` is never waited on:
-    // dropping a std Child neither waits nor kills).
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let (ok, status, max_rss_kib) = common::reap(child);
     let wall = start.elapsed();
-    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
-    drop(child);
 
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
     let out = std::fs::read_to_string(&stdout_path).unwrap_or_default();
     let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
     assert!(ok, "openpista {args:?} failed ({status:#x}):\n{out}\n{err}");
     if args.first() == Some(&"run") {
         assert!(out.contains("hello"), "scripted reply missing: {out:?}");
     }
-    Sample {
-        wall,
-        max_rss_kib: usage.ru_maxrss,
-    }
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let mid = xs.len() / 2;
-    if xs.len() % 2 == 1 {
-        xs[mid]
-    } else {
-        (xs[mid - 1] + xs[mid]) / 2.0
-    }
+    Sample { wall, max_rss_kib }
 }
